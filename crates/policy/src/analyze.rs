@@ -1,0 +1,1013 @@
+//! `warden analyze`: Istio's admission checks ([`crate::validate`]) plus analyzers that look
+//! across resources, the way `istioctl analyze` does, and Warden's own checks (WRD01xx) for
+//! the security mistakes that are valid YAML, pass Istio's webhook, and still leave a hole or
+//! deny traffic nobody meant to deny.
+//!
+//! Istio codes keep istioctl's meaning and wording (IST0101, IST0102, IST0103, IST0127); where
+//! Warden applies one to more kinds than istioctl does, the message says so. Every finding
+//! names file, line, resource and field path, and the result is sorted by file and line.
+//!
+//! Analyzers reason about sidecar workloads only (the ones [`crate::scope`] resolves); policies
+//! with targetRefs are reported once (WRD0111) and otherwise left alone. Dry-run policies are
+//! not enforced, so the checks about enforcement effects skip them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::authz::{is_dry_run, Protocol};
+use crate::config::{Config, Resource, Workload};
+use crate::diag::{Diagnostic, Reporter, Severity};
+use crate::model::*;
+use crate::path::Normalization;
+use crate::scope::{self, selects};
+use crate::simulate::declared_protocol;
+use crate::validate::{mesh_diagnostic, operation_fields, source_fields, validate};
+
+/// Validation findings plus every analyzer's, sorted by file and line.
+pub fn analyze(cfg: &Config) -> Vec<Diagnostic> {
+    let mut out = validate(cfg);
+    referenced_namespaces(cfg, &mut out);
+    no_matching_workloads(cfg, &mut out);
+    namespace_not_injected(cfg, &mut out);
+    pod_missing_proxy(cfg, &mut out);
+    token_not_required(cfg, &mut out);
+    identity_on_plaintext(cfg, &mut out);
+    http_fields_on_tcp(cfg, &mut out);
+    permissive_mesh(cfg, &mut out);
+    spiffe_prefix(cfg, &mut out);
+    hosts_without_port(cfg, &mut out);
+    unmerged_slashes(cfg, &mut out);
+    ignored_peer_authentications(cfg, &mut out);
+    split_from_to(cfg, &mut out);
+    root_selector_peer_authentications(cfg, &mut out);
+    target_ref_policies(cfg, &mut out);
+    // Stable: findings on one line keep the order the checks ran in.
+    out.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    out
+}
+
+// ------------------------------------------------------------------ shared helpers
+
+fn reporter<'a, T>(r: &'a Resource<T>, out: &'a mut Vec<Diagnostic>) -> Reporter<'a> {
+    Reporter {
+        origin: &r.origin,
+        resource: r.display(),
+        out,
+    }
+}
+
+fn has_target_refs(single: &Option<PolicyTargetReference>, many: &[PolicyTargetReference]) -> bool {
+    single.is_some() || !many.is_empty()
+}
+
+/// Workloads a selector/namespace-scoped policy attaches to (AuthorizationPolicy and
+/// RequestAuthentication rule: own namespace or root namespace, then label subset).
+fn attached_workloads<'a>(
+    cfg: &'a Config,
+    ns: &str,
+    selector: Option<&WorkloadSelector>,
+) -> Vec<&'a Workload> {
+    let root = cfg.mesh.root_namespace.as_str();
+    cfg.workloads
+        .iter()
+        .filter(|w| (ns == w.namespace || ns == root) && selects(selector, &w.labels))
+        .collect()
+}
+
+fn ap_workloads<'a>(cfg: &'a Config, p: &Resource<AuthorizationPolicySpec>) -> Vec<&'a Workload> {
+    if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+        return Vec::new();
+    }
+    attached_workloads(cfg, p.namespace(), p.spec.selector.as_ref())
+}
+
+/// `a, b, c and 4 more`: long lists stay readable in one message.
+fn short_list(items: &[String]) -> String {
+    const MAX: usize = 3;
+    let shown: Vec<&str> = items.iter().take(MAX).map(String::as_str).collect();
+    let mut s = shown.join(", ");
+    if items.len() > MAX {
+        s.push_str(&format!(" and {} more", items.len() - MAX));
+    }
+    s
+}
+
+fn workload_diag(wl: &Workload, severity: Severity, code: &'static str, message: String) -> Diagnostic {
+    Diagnostic {
+        severity,
+        code,
+        file: wl.origin.file().to_string(),
+        line: wl.origin.line(),
+        resource: Some(format!("{} {}", wl.kind, wl.id())),
+        field: None,
+        message,
+    }
+}
+
+/// Every enforced rule, with its index and field-path prefix.
+fn rules(p: &Resource<AuthorizationPolicySpec>) -> impl Iterator<Item = (usize, String, &Rule)> {
+    p.spec
+        .rules
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, format!("spec.rules[{i}]"), r)))
+}
+
+fn sources(rule: &Rule) -> impl Iterator<Item = (usize, &Source)> {
+    rule.from
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(j, f)| f.as_ref().and_then(|f| f.source.as_ref()).map(|s| (j, s)))
+}
+
+fn operations(rule: &Rule) -> impl Iterator<Item = (usize, &Operation)> {
+    rule.to
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(j, t)| t.as_ref().and_then(|t| t.operation.as_ref()).map(|o| (j, o)))
+}
+
+fn conditions(rule: &Rule) -> impl Iterator<Item = (usize, &Condition)> {
+    rule.when
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(j, c)| c.as_ref().map(|c| (j, c)))
+}
+
+fn is_http_only_key(key: &str) -> bool {
+    key.starts_with("request.headers") || key.starts_with("request.auth.")
+}
+
+/// Whether a rule can apply to connections on `port`, judging only `ports`/`notPorts` and
+/// `destination.port` (the constraints that survive on TCP).
+fn rule_covers_port(rule: &Rule, port: u16) -> bool {
+    let hit = |vs: &[String]| vs.iter().any(|v| v.parse::<u16>() == Ok(port));
+    let mut ops = operations(rule).peekable();
+    let to_ok = ops.peek().is_none()
+        || ops.any(|(_, o)| (o.ports.is_empty() || hit(&o.ports)) && !hit(&o.not_ports));
+    let when_ok = conditions(rule)
+        .filter(|(_, c)| c.key == "destination.port")
+        .all(|(_, c)| (c.values.is_empty() || hit(&c.values)) && !hit(&c.not_values));
+    to_ok && when_ok
+}
+
+// ------------------------------------------------------------------ IST0101
+
+/// Istio's namespace match for the ReferencedResourceNotFound analyzer.
+fn namespace_matches(pattern: &str, ns: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        ns.ends_with(suffix)
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        ns.starts_with(prefix)
+    } else {
+        pattern.eq_ignore_ascii_case(ns)
+    }
+}
+
+fn referenced_namespaces(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    // With no Namespace objects the files say nothing about which namespaces exist.
+    if cfg.namespaces.is_empty() {
+        return;
+    }
+    // In a cluster every namespace holding an object exists, Namespace object or not.
+    let mut known: BTreeSet<&str> = cfg.namespaces.keys().map(String::as_str).collect();
+    known.extend(cfg.workloads.iter().map(|w| w.namespace.as_str()));
+    known.extend(cfg.services.iter().map(|s| s.namespace()));
+    known.extend(cfg.service_accounts.iter().map(|s| s.namespace()));
+    known.extend(cfg.authorization_policies.iter().map(|s| s.namespace()));
+    known.extend(cfg.request_authentications.iter().map(|s| s.namespace()));
+    known.extend(cfg.peer_authentications.iter().map(|s| s.namespace()));
+    for p in &cfg.authorization_policies {
+        let mut r = reporter(p, out);
+        for (_, base, rule) in rules(p) {
+            for (j, s) in sources(rule) {
+                for (json, values) in [("namespaces", &s.namespaces), ("notNamespaces", &s.not_namespaces)] {
+                    for (k, v) in values.iter().enumerate() {
+                        if !v.is_empty() && !known.iter().any(|ns| namespace_matches(v, ns)) {
+                            r.push(
+                                Severity::Error,
+                                "IST0101",
+                                &format!("{base}.from[{j}].source.{json}[{k}]"),
+                                format!("Referenced namespace not found: \"{v}\""),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ IST0127
+
+fn labels_text(sel: &WorkloadSelector) -> String {
+    sel.match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    // Policy-only inputs say nothing about which workloads exist.
+    if cfg.workloads.is_empty() {
+        return;
+    }
+    let root = cfg.mesh.root_namespace.as_str();
+    let in_ns = |ns: &str, sel: Option<&WorkloadSelector>| {
+        cfg.workloads
+            .iter()
+            .any(|w| w.namespace == ns && selects(sel, &w.labels))
+    };
+    let anywhere = |sel: Option<&WorkloadSelector>| cfg.workloads.iter().any(|w| selects(sel, &w.labels));
+    // (resource, namespace, selector, is Warden's extension of the istioctl check)
+    let mut check = |r: &mut Reporter<'_>, ns: &str, sel: Option<&WorkloadSelector>, extended: bool| {
+        let note = if extended {
+            " (Warden extension: istioctl analyze checks AuthorizationPolicy only)"
+        } else {
+            ""
+        };
+        match sel.filter(|s| !s.match_labels.is_empty()) {
+            Some(s) => {
+                let found = if ns == root { anywhere(Some(s)) } else { in_ns(ns, Some(s)) };
+                if !found {
+                    r.push(
+                        Severity::Warning,
+                        "IST0127",
+                        "spec.selector",
+                        format!(
+                            "No matching workloads for this resource with the following labels: {}{note}",
+                            labels_text(s)
+                        ),
+                    );
+                }
+            }
+            None => {
+                if ns != root && !in_ns(ns, None) {
+                    r.push(
+                        Severity::Warning,
+                        "IST0127",
+                        "",
+                        format!(
+                            "No matching workloads for this resource: namespace {ns} has no workloads{note}"
+                        ),
+                    );
+                }
+            }
+        }
+    };
+    for p in &cfg.authorization_policies {
+        if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+            check(&mut reporter(p, out), p.namespace(), p.spec.selector.as_ref(), false);
+        }
+    }
+    for p in &cfg.request_authentications {
+        if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+            check(&mut reporter(p, out), p.namespace(), p.spec.selector.as_ref(), true);
+        }
+    }
+    for p in &cfg.peer_authentications {
+        // Root-namespace selector policies are ignored anyway (WRD0110).
+        let sel = p.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty());
+        if sel.is_some() && p.namespace() != root {
+            check(&mut reporter(p, out), p.namespace(), sel, true);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ IST0102 / IST0103
+
+const SYSTEM_NAMESPACES: [&str; 4] = ["kube-system", "kube-public", "kube-node-lease", "local-path-storage"];
+
+fn is_ambient(labels: &Labels) -> bool {
+    labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
+}
+
+fn namespace_not_injected(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let mut namespaces: BTreeSet<&str> = BTreeSet::new();
+    namespaces.extend(cfg.workloads.iter().map(|w| w.namespace.as_str()));
+    for ns in namespaces {
+        if ns == cfg.mesh.root_namespace || SYSTEM_NAMESPACES.contains(&ns) {
+            continue;
+        }
+        let obj = cfg.namespaces.get(ns);
+        if obj.is_some_and(|n| {
+            n.injection_enabled()
+                || n.labels.get("istio-injection").map(String::as_str) == Some("disabled")
+                || is_ambient(&n.labels)
+        }) {
+            continue;
+        }
+        let missing = cfg.workloads.iter().any(|w| w.namespace == ns && !w.sidecar);
+        if !missing {
+            continue;
+        }
+        // Where to report: the Namespace object, else the first policy in the namespace.
+        let origin = obj.and_then(|n| n.origin.clone()).or_else(|| {
+            cfg.authorization_policies
+                .iter()
+                .find(|p| p.namespace() == ns)
+                .map(|p| p.origin.clone())
+                .or_else(|| {
+                    cfg.request_authentications
+                        .iter()
+                        .find(|p| p.namespace() == ns)
+                        .map(|p| p.origin.clone())
+                })
+                .or_else(|| {
+                    cfg.peer_authentications
+                        .iter()
+                        .find(|p| p.namespace() == ns)
+                        .map(|p| p.origin.clone())
+                })
+        });
+        let has_policies = cfg.authorization_policies.iter().any(|p| p.namespace() == ns)
+            || cfg.request_authentications.iter().any(|p| p.namespace() == ns)
+            || cfg.peer_authentications.iter().any(|p| p.namespace() == ns);
+        let Some(origin) = origin.filter(|_| has_policies) else {
+            continue;
+        };
+        out.push(Diagnostic {
+            severity: Severity::Info,
+            code: "IST0102",
+            file: origin.file().to_string(),
+            line: origin.line(),
+            resource: Some(format!("Namespace {ns}")),
+            field: None,
+            message: format!(
+                "The namespace is not enabled for Istio injection. Run 'kubectl label namespace {ns} \
+                 istio-injection=enabled' to enable it, or 'kubectl label namespace {ns} \
+                 istio-injection=disabled' to explicitly mark it as not needing injection. \
+                 Security policies in {ns} are not enforced on workloads without a sidecar"
+            ),
+        });
+    }
+}
+
+fn pod_missing_proxy(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let root = cfg.mesh.root_namespace.as_str();
+    for wl in cfg.workloads.iter().filter(|w| !w.sidecar) {
+        let ambient = is_ambient(&wl.labels)
+            || cfg
+                .namespaces
+                .get(&wl.namespace)
+                .is_some_and(|n| is_ambient(&n.labels));
+        if ambient {
+            continue;
+        }
+        // Mesh-wide policies select every pod in the cluster; only policies aimed at this
+        // workload (its namespace, or a root-namespace selector) make the missing proxy news.
+        let aims = |ns: &str, sel: Option<&WorkloadSelector>| {
+            let has_labels = sel.is_some_and(|s| !s.match_labels.is_empty());
+            (ns == wl.namespace || (ns == root && has_labels)) && selects(sel, &wl.labels)
+        };
+        let mut names = Vec::new();
+        for p in &cfg.authorization_policies {
+            if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs)
+                && aims(p.namespace(), p.spec.selector.as_ref())
+            {
+                names.push(p.display());
+            }
+        }
+        for p in &cfg.request_authentications {
+            if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs)
+                && aims(p.namespace(), p.spec.selector.as_ref())
+            {
+                names.push(p.display());
+            }
+        }
+        for p in &cfg.peer_authentications {
+            if p.namespace() == wl.namespace && selects(p.spec.selector.as_ref(), &wl.labels) {
+                names.push(p.display());
+            }
+        }
+        if names.is_empty() {
+            continue;
+        }
+        out.push(workload_diag(
+            wl,
+            Severity::Warning,
+            "IST0103",
+            format!(
+                "The pod {} is missing the Istio proxy, so nothing enforces {} on it: \
+                 enable injection and restart or redeploy the workload",
+                wl.id(),
+                short_list(&names)
+            ),
+        ));
+    }
+}
+
+// ------------------------------------------------------------------ WRD0101
+
+/// Whether an enforced policy can turn away a request that carries no token.
+fn requires_token(p: &Resource<AuthorizationPolicySpec>) -> bool {
+    if is_dry_run(&p.meta) || !matches!(p.spec.action, Action::Allow | Action::Deny) {
+        return false;
+    }
+    rules(p).any(|(_, _, rule)| {
+        sources(rule).any(|(_, s)| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
+            || conditions(rule).any(|(_, c)| c.key.starts_with("request.auth."))
+    })
+}
+
+fn token_not_required(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    for ra in &cfg.request_authentications {
+        if has_target_refs(&ra.spec.target_ref, &ra.spec.target_refs) {
+            continue;
+        }
+        let open: Vec<String> = attached_workloads(cfg, ra.namespace(), ra.spec.selector.as_ref())
+            .into_iter()
+            .filter(|wl| !scope::authorization_policies(cfg, wl).into_iter().any(requires_token))
+            .map(Workload::id)
+            .collect();
+        if open.is_empty() {
+            continue;
+        }
+        let field = if ra.spec.jwt_rules.is_empty() { "spec" } else { "spec.jwtRules" };
+        reporter(ra, out).push(
+            Severity::Warning,
+            "WRD0101",
+            field,
+            format!(
+                "requests without a token are accepted: a RequestAuthentication only rejects invalid \
+                 tokens, and no AuthorizationPolicy on {} requires one; add an ALLOW rule with \
+                 from.source.requestPrincipals: [\"*\"] (or a DENY rule with notRequestPrincipals: [\"*\"])",
+                short_list(&open)
+            ),
+        );
+    }
+}
+
+// ------------------------------------------------------------------ WRD0102
+
+const IDENTITY_FIELDS: [&str; 4] = ["principals", "namespaces", "serviceAccounts", "trustDomains"];
+const IDENTITY_KEYS: [&str; 4] = [
+    "source.principal",
+    "source.namespace",
+    "source.serviceAccount",
+    "source.trustDomain",
+];
+
+/// Ports of a workload that accept plaintext, with the mode that decided each; `None` as the
+/// port when the workload declares no ports and its workload-wide mode accepts plaintext.
+fn plaintext_ports(cfg: &Config, wl: &Workload, rule: &Rule) -> Vec<(Option<u16>, String)> {
+    let pa = scope::peer_authentication(cfg, wl);
+    let accepts = |m: MtlsMode| matches!(m, MtlsMode::Permissive | MtlsMode::Disable);
+    let mut ports: BTreeSet<u16> = wl.ports.iter().map(|p| p.container_port).filter(|p| *p != 0).collect();
+    ports.extend(pa.ports.keys().copied());
+    if ports.is_empty() {
+        return if accepts(pa.base.mode) {
+            vec![(None, pa.base.describe())]
+        } else {
+            Vec::new()
+        };
+    }
+    ports
+        .into_iter()
+        .filter(|p| rule_covers_port(rule, *p))
+        .filter_map(|p| {
+            let m = pa.mode_for(p);
+            accepts(m.mode).then(|| (Some(p), m.describe()))
+        })
+        .collect()
+}
+
+fn identity_on_plaintext(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    for p in &cfg.authorization_policies {
+        if is_dry_run(&p.meta) || !matches!(p.spec.action, Action::Allow | Action::Deny) {
+            continue;
+        }
+        let workloads = ap_workloads(cfg, p);
+        if workloads.is_empty() {
+            continue;
+        }
+        let mut r = reporter(p, out);
+        for (_, base, rule) in rules(p) {
+            let mut fields: Vec<(String, &str)> = Vec::new();
+            for (j, s) in sources(rule) {
+                for (json, _, values) in source_fields(s) {
+                    if IDENTITY_FIELDS.contains(&json) && !values.is_empty() {
+                        fields.push((format!("{base}.from[{j}].source.{json}"), json));
+                    }
+                }
+            }
+            for (j, c) in conditions(rule) {
+                if IDENTITY_KEYS.contains(&c.key.as_str()) && !c.values.is_empty() {
+                    fields.push((format!("{base}.when[{j}].key"), c.key.as_str()));
+                }
+            }
+            if fields.is_empty() {
+                continue;
+            }
+            let mut open = Vec::new();
+            for wl in &workloads {
+                for (port, mode) in plaintext_ports(cfg, wl, rule) {
+                    open.push(match port {
+                        Some(n) => format!("{} port {n} ({mode})", wl.id()),
+                        None => format!("{} all ports ({mode})", wl.id()),
+                    });
+                }
+            }
+            if open.is_empty() {
+                continue;
+            }
+            for (field, name) in fields {
+                let consequence = if p.spec.action == Action::Deny {
+                    "a plaintext client carries no identity, never matches this DENY rule and so \
+                     bypasses it; require STRICT mTLS on these ports"
+                } else {
+                    "plaintext clients never match this rule, and nothing forces clients to use \
+                     mTLS; require STRICT mTLS on these ports so the identity check cannot be sidestepped"
+                };
+                r.push(
+                    Severity::Warning,
+                    "WRD0102",
+                    &field,
+                    format!(
+                        "{name} is only known for mTLS connections, but plaintext is accepted on {}: {consequence}",
+                        short_list(&open)
+                    ),
+                );
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0103
+
+/// Container ports of a workload that a Service declares as TCP (not HTTP), with the reason.
+fn tcp_ports(cfg: &Config, wl: &Workload) -> BTreeMap<u16, String> {
+    let mut out = BTreeMap::new();
+    for s in &cfg.services {
+        let selects_wl = s.namespace() == wl.namespace
+            && s
+                .spec
+                .selector
+                .as_ref()
+                .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v)));
+        if !selects_wl {
+            continue;
+        }
+        for sp in &s.spec.ports {
+            let Some((Protocol::Tcp, why)) = declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref())
+            else {
+                continue;
+            };
+            let target = match &sp.target_port {
+                None => sp.port,
+                Some(IntOrString::Int(p)) => *p,
+                Some(IntOrString::String(name)) => wl
+                    .ports
+                    .iter()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .map_or(0, |p| p.container_port),
+            };
+            if target != 0 {
+                out.entry(target)
+                    .or_insert_with(|| format!("{why} of Service {}/{}", s.namespace(), s.name()));
+            }
+        }
+    }
+    out
+}
+
+/// Field paths of HTTP-only constraints in a rule.
+fn http_only_fields(base: &str, rule: &Rule) -> Vec<String> {
+    let mut v = Vec::new();
+    for (j, s) in sources(rule) {
+        for (json, values) in [
+            ("requestPrincipals", &s.request_principals),
+            ("notRequestPrincipals", &s.not_request_principals),
+        ] {
+            if !values.is_empty() {
+                v.push(format!("{base}.from[{j}].source.{json}"));
+            }
+        }
+    }
+    for (j, o) in operations(rule) {
+        for (json, _, values) in operation_fields(o) {
+            if !values.is_empty() && !matches!(json, "ports" | "notPorts") {
+                v.push(format!("{base}.to[{j}].operation.{json}"));
+            }
+        }
+    }
+    for (j, c) in conditions(rule) {
+        if is_http_only_key(&c.key) {
+            v.push(format!("{base}.when[{j}].key"));
+        }
+    }
+    v
+}
+
+/// Whether anything besides HTTP-only fields and ports constrains the rule on TCP.
+fn has_other_tcp_constraints(rule: &Rule) -> bool {
+    sources(rule).any(|(_, s)| {
+        source_fields(s)
+            .iter()
+            .any(|(json, _, v)| !v.is_empty() && !json.contains("equestPrincipals"))
+    }) || conditions(rule).any(|(_, c)| !is_http_only_key(&c.key) && c.key != "destination.port")
+}
+
+fn http_fields_on_tcp(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    for p in &cfg.authorization_policies {
+        if is_dry_run(&p.meta) || !matches!(p.spec.action, Action::Allow | Action::Deny) {
+            continue;
+        }
+        let workloads: Vec<(&Workload, BTreeMap<u16, String>)> = ap_workloads(cfg, p)
+            .into_iter()
+            .map(|w| (w, tcp_ports(cfg, w)))
+            .filter(|(_, t)| !t.is_empty())
+            .collect();
+        if workloads.is_empty() {
+            continue;
+        }
+        let mut r = reporter(p, out);
+        for (_, base, rule) in rules(p) {
+            let fields = http_only_fields(&base, rule);
+            let Some(first) = fields.first() else { continue };
+            let mut hit = Vec::new();
+            for (wl, ports) in &workloads {
+                for (port, why) in ports {
+                    if rule_covers_port(rule, *port) {
+                        hit.push(format!("port {port} of {} ({why})", wl.id()));
+                    }
+                }
+            }
+            if hit.is_empty() {
+                continue;
+            }
+            let names: Vec<String> = fields
+                .iter()
+                .map(|f| f.rsplit('.').next().unwrap_or(f).to_string())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let message = if p.spec.action == Action::Allow {
+                format!(
+                    "rule dropped for TCP: {} are HTTP-only, and {} is TCP, so this rule allows nothing \
+                     there; connections to those ports are denied unless another ALLOW rule matches them",
+                    names.join(", "),
+                    short_list(&hit)
+                )
+            } else {
+                let scope = if has_other_tcp_constraints(rule) {
+                    " that matches its other conditions"
+                } else {
+                    ""
+                };
+                format!(
+                    "field ignored on TCP: {} are HTTP-only and dropped for TCP, so the rule denies every \
+                     connection{scope} to {}",
+                    names.join(", "),
+                    short_list(&hit)
+                )
+            };
+            r.push(Severity::Warning, "WRD0103", first, message);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0104
+
+fn pa_mode(p: &Resource<PeerAuthenticationSpec>) -> MtlsMode {
+    p.spec.mtls.as_ref().map(|m| m.mode).unwrap_or_default()
+}
+
+fn is_ns_wide(p: &Resource<PeerAuthenticationSpec>) -> bool {
+    p.spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty())
+}
+
+fn permissive_mesh(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let anything = !cfg.workloads.is_empty()
+        || !cfg.peer_authentications.is_empty()
+        || !cfg.authorization_policies.is_empty()
+        || !cfg.request_authentications.is_empty();
+    if !anything {
+        return;
+    }
+    let root = cfg.mesh.root_namespace.as_str();
+    let sorted = scope::sorted_peer_authentications(cfg);
+    let mesh = sorted.iter().copied().find(|p| p.namespace() == root && is_ns_wide(p));
+    let mesh_mode = mesh.map(pa_mode).unwrap_or_default();
+    if mesh_mode == MtlsMode::Strict {
+        return;
+    }
+    let strict_elsewhere: Vec<&Resource<PeerAuthenticationSpec>> = sorted
+        .iter()
+        .copied()
+        .filter(|p| {
+            !mesh.is_some_and(|m| std::ptr::eq(m, *p))
+                && (pa_mode(p) == MtlsMode::Strict
+                    || p.spec
+                        .port_level_mtls
+                        .iter()
+                        .flatten()
+                        .any(|(_, m)| m.as_ref().is_some_and(|m| m.mode == MtlsMode::Strict)))
+        })
+        .collect();
+    let (severity, extra) = if strict_elsewhere.is_empty() {
+        (Severity::Info, String::new())
+    } else {
+        let names: Vec<String> = strict_elsewhere.iter().map(|p| p.display()).collect();
+        (
+            Severity::Warning,
+            format!(
+                "; STRICT is set only by {}, so every other namespace and workload still accepts plaintext",
+                short_list(&names)
+            ),
+        )
+    };
+    let mode_text = match (mesh, mesh_mode) {
+        (Some(m), MtlsMode::Unset) => format!("the mesh-wide PeerAuthentication {} leaves the mode UNSET (PERMISSIVE)", m.display()),
+        (Some(m), mode) => format!("the mesh-wide PeerAuthentication {} sets {}", m.display(), mode.as_str()),
+        (None, _) => format!(
+            "there is no PeerAuthentication without a selector in the root namespace {root}, so the default PERMISSIVE applies"
+        ),
+    };
+    let message = format!("mTLS is not required mesh-wide: {mode_text}{extra}");
+    match (mesh, strict_elsewhere.first()) {
+        (Some(m), _) => {
+            let field = if m.spec.mtls.is_some() { "spec.mtls.mode" } else { "spec" };
+            reporter(m, out).push(severity, "WRD0104", field, message);
+        }
+        (None, Some(p)) => reporter(p, out).push(severity, "WRD0104", "", message),
+        (None, None) => out.push(mesh_diagnostic(severity, "WRD0104", "", message)),
+    }
+}
+
+// ------------------------------------------------------------------ WRD0105
+
+fn spiffe_prefix(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let bad = |v: &str| v.get(..9).is_some_and(|p| p.eq_ignore_ascii_case("spiffe://"));
+    for p in &cfg.authorization_policies {
+        let mut r = reporter(p, out);
+        let mut report = |field: String, v: &str, negative: bool| {
+            let effect = if negative {
+                "so it excludes nobody"
+            } else {
+                "so it matches nobody"
+            };
+            let fixed = v.get(9..).unwrap_or("");
+            r.push(
+                Severity::Warning,
+                "WRD0105",
+                &field,
+                format!(
+                    "Istio matches principals against \"spiffe://<value>\", so \"{v}\" could only match a peer \
+                     \"spiffe://{v}\" and never matches, {effect}; write \"{fixed}\""
+                ),
+            );
+        };
+        for (_, base, rule) in rules(p) {
+            for (j, s) in sources(rule) {
+                for (json, values, negative) in [
+                    ("principals", &s.principals, false),
+                    ("notPrincipals", &s.not_principals, true),
+                ] {
+                    for (k, v) in values.iter().enumerate() {
+                        if bad(v) {
+                            report(format!("{base}.from[{j}].source.{json}[{k}]"), v, negative);
+                        }
+                    }
+                }
+            }
+            for (j, c) in conditions(rule) {
+                if c.key != "source.principal" {
+                    continue;
+                }
+                for (json, values, negative) in [("values", &c.values, false), ("notValues", &c.not_values, true)] {
+                    for (k, v) in values.iter().enumerate() {
+                        if bad(v) {
+                            report(format!("{base}.when[{j}].{json}[{k}]"), v, negative);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0106
+
+fn host_has_port(v: &str) -> bool {
+    match v.strip_prefix('[') {
+        Some(rest) => rest.contains("]:"),
+        None => v.contains(':'),
+    }
+}
+
+fn hosts_without_port(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    for p in &cfg.authorization_policies {
+        let mut r = reporter(p, out);
+        for (_, base, rule) in rules(p) {
+            for (j, o) in operations(rule) {
+                for (json, values) in [("hosts", &o.hosts), ("notHosts", &o.not_hosts)] {
+                    for (k, v) in values.iter().enumerate() {
+                        // A prefix (`x*`) or `*` already matches any port.
+                        if v.is_empty() || v.ends_with('*') || host_has_port(v) {
+                            continue;
+                        }
+                        let with_port = format!("{}:", v.to_ascii_lowercase());
+                        if values.iter().any(|x| x.to_ascii_lowercase().starts_with(&with_port)) {
+                            continue;
+                        }
+                        let fix = if v.starts_with('*') {
+                            format!("also list the ports clients use, e.g. \"{v}:443\"")
+                        } else {
+                            format!("also list \"{v}:*\"")
+                        };
+                        r.push(
+                            Severity::Warning,
+                            "WRD0106",
+                            &format!("{base}.to[{j}].operation.{json}[{k}]"),
+                            format!(
+                                "\"{v}\" does not match a Host header that carries a port (\"{}:8080\"): Istio \
+                                 compares the whole header, port included; {fix}",
+                                v.trim_start_matches('*')
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0107
+
+fn unmerged_slashes(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let norm = cfg.mesh.path_normalization;
+    if norm.merges_slashes() {
+        return;
+    }
+    let name = match norm {
+        Normalization::None => "NONE (no normalization at all)",
+        _ => "BASE (the default), which does not merge slashes",
+    };
+    for p in &cfg.authorization_policies {
+        if is_dry_run(&p.meta) {
+            continue;
+        }
+        let mut r = reporter(p, out);
+        for (_, base, rule) in rules(p) {
+            for (j, o) in operations(rule) {
+                let (json, values, effect) = match p.spec.action {
+                    Action::Deny => ("paths", &o.paths, "bypasses this DENY rule"),
+                    Action::Custom => ("paths", &o.paths, "is never sent to the external authorizer"),
+                    Action::Allow => ("notPaths", &o.not_paths, "is allowed by this rule"),
+                    Action::Audit => continue,
+                };
+                // Suffix patterns (`*x`, `*`) still match whatever precedes them.
+                let Some(v) = values.iter().find(|v| !v.is_empty() && !v.starts_with('*')) else {
+                    continue;
+                };
+                let sample = if v.starts_with('/') {
+                    format!("/{}", v.trim_end_matches('*'))
+                } else {
+                    format!("//{}", v.trim_end_matches('*'))
+                };
+                r.push(
+                    Severity::Warning,
+                    "WRD0107",
+                    &format!("{base}.to[{j}].operation.{json}"),
+                    format!(
+                        "meshConfig.pathNormalization is {name}: a request for \"{sample}\" does not match \
+                         \"{v}\" and {effect}; set pathNormalization to MERGE_SLASHES or DECODE_AND_MERGE_SLASHES"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0108 / WRD0110
+
+fn ignored_peer_authentications(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let root = cfg.mesh.root_namespace.as_str();
+    for (ignored, kept) in scope::ignored_namespace_peer_authentications(cfg) {
+        let level = if ignored.namespace() == root {
+            "mesh-wide"
+        } else {
+            "namespace-wide"
+        };
+        reporter(ignored, out).push(
+            Severity::Warning,
+            "WRD0108",
+            "metadata.name",
+            format!(
+                "Istio ignores this {level} PeerAuthentication: only the oldest one without a selector in a \
+                 namespace applies, and {} (mode {}) is in force; merge the two",
+                kept.display(),
+                pa_mode(kept).as_str()
+            ),
+        );
+    }
+}
+
+fn root_selector_peer_authentications(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let root = cfg.mesh.root_namespace.as_str();
+    for p in &cfg.peer_authentications {
+        if p.namespace() == root && !is_ns_wide(p) {
+            reporter(p, out).push(
+                Severity::Warning,
+                "WRD0110",
+                "spec.selector",
+                format!(
+                    "Istio ignores PeerAuthentications with a selector in the root namespace {root}; \
+                     create it in the namespace of the workloads it should select"
+                ),
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0109
+
+/// The one field set in an entry, if exactly one is; `not` forms count as their own kind.
+fn single_field<'a>(fields: impl Iterator<Item = (&'static str, &'a [String])>) -> Option<&'static str> {
+    let mut set = fields.filter(|(_, v)| !v.is_empty()).map(|(n, _)| n);
+    let first = set.next()?;
+    set.next().is_none().then_some(first)
+}
+
+fn split_from_to(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    for p in &cfg.authorization_policies {
+        let mut r = reporter(p, out);
+        for (_, base, rule) in rules(p) {
+            let froms: Vec<Option<&'static str>> = rule
+                .from
+                .iter()
+                .flatten()
+                .map(|f| {
+                    f.as_ref()
+                        .and_then(|f| f.source.as_ref())
+                        .and_then(|s| single_field(source_fields(s).into_iter().map(|(n, _, v)| (n, v))))
+                })
+                .collect();
+            let tos: Vec<Option<&'static str>> = rule
+                .to
+                .iter()
+                .flatten()
+                .map(|t| {
+                    t.as_ref()
+                        .and_then(|t| t.operation.as_ref())
+                        .and_then(|o| single_field(operation_fields(o).into_iter().map(|(n, _, v)| (n, v))))
+                })
+                .collect();
+            for (side, inner, entries) in [("from", "source", froms), ("to", "operation", tos)] {
+                if entries.len() < 2 || entries.iter().any(Option::is_none) {
+                    continue;
+                }
+                let kinds: BTreeSet<&str> = entries.iter().flatten().copied().collect();
+                if kinds.len() < 2 {
+                    continue;
+                }
+                let described: Vec<String> = entries
+                    .iter()
+                    .enumerate()
+                    .map(|(j, k)| format!("{side}[{j}] only {}", k.unwrap_or("")))
+                    .collect();
+                r.push(
+                    Severity::Warning,
+                    "WRD0109",
+                    &format!("{base}.{side}"),
+                    format!(
+                        "each `{side}` entry is an alternative (OR), not an extra condition: {} — a request \
+                         matching any one entry matches; to require all of them, put the fields in one {inner}",
+                        described.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0111
+
+fn target_ref_policies(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let message = "this policy has targetRefs, so it applies only to the gateways and waypoints it \
+                   names: sidecar workloads ignore it (use a selector to reach sidecars)";
+    let field = |single: &Option<PolicyTargetReference>| {
+        if single.is_some() {
+            "spec.targetRef"
+        } else {
+            "spec.targetRefs"
+        }
+    };
+    for p in &cfg.authorization_policies {
+        if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+            reporter(p, out).push(Severity::Info, "WRD0111", field(&p.spec.target_ref), message.into());
+        }
+    }
+    for p in &cfg.request_authentications {
+        if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+            reporter(p, out).push(Severity::Info, "WRD0111", field(&p.spec.target_ref), message.into());
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! Offline simulation of one request or connection through the mesh, for `warden check`,
+//! `warden test` and `warden describe`: who the client is, whether it speaks mTLS (auto
+//! mTLS), which container port and protocol the destination sees, what the inbound mTLS mode
+//! does to the connection, and then the same [`WorkloadPolicy::evaluate`] the proxy runs.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::authz::Protocol;
+use crate::config::{Config, Workload};
+use crate::engine::{
+    Decision, ExtAuthzAnswer, HttpRequest, JwksSource, Outcome, Request, Step, WorkloadPolicy,
+};
+use crate::model::{IntOrString, MtlsMode};
+use crate::scope::{self, PortMode};
+
+/// Who sends the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Client {
+    /// `ns/name` of a workload in the configuration.
+    Workload(String, String),
+    /// An mTLS peer presenting this SPIFFE ID.
+    Spiffe(String),
+    /// A client outside the mesh.
+    Plaintext,
+}
+
+impl Client {
+    /// Parses `ns/workload`, `spiffe://…` or `plaintext`.
+    pub fn parse(s: &str) -> Result<Client, String> {
+        if s == "plaintext" {
+            return Ok(Client::Plaintext);
+        }
+        if s.starts_with("spiffe://") {
+            return Ok(Client::Spiffe(s.to_string()));
+        }
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Client::Workload(ns.into(), name.into()))
+            }
+            _ => Err(format!(
+                "\"{s}\" is not a source: expected NAMESPACE/WORKLOAD, a spiffe:// ID, or plaintext"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HttpSpec {
+    pub method: String,
+    /// Request target: path with optional query.
+    pub path: String,
+    pub host: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub token: Option<String>,
+}
+
+/// One request or connection to simulate.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub from: Client,
+    pub to: (String, String),
+    /// The port the client dials.
+    pub port: u16,
+    pub source_ip: Option<IpAddr>,
+    /// `None` = a plain TCP connection.
+    pub request: Option<HttpSpec>,
+    pub now_unix: i64,
+    pub ext_authz: Option<ExtAuthzAnswer>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceInfo {
+    /// `ns/name`, when the client is a workload.
+    pub workload: Option<String>,
+    /// SPIFFE ID presented to the destination (only with mTLS).
+    pub identity: Option<String>,
+    pub sidecar: bool,
+    pub mtls: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DestinationInfo {
+    pub workload: String,
+    pub kind: &'static str,
+    pub sidecar: bool,
+    /// `ns/name:port` of the Service port dialed, if the dialed port is one.
+    pub service: Option<String>,
+    pub container_port: u16,
+    pub protocol: Protocol,
+    /// How the protocol was decided (`Service port name "http"`, `detected`, …).
+    pub protocol_source: String,
+    pub mtls: Option<PortMode>,
+}
+
+/// The full answer to "would this be allowed, and why?".
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub result: Outcome,
+    pub status: Option<u16>,
+    pub body: String,
+    pub source: SourceInfo,
+    pub destination: DestinationInfo,
+    pub request_principal: Option<String>,
+    /// The `:authority` the request carried (the default one when none was given).
+    pub authority: Option<String>,
+    pub decision: Option<Decision>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    #[error("no workload {0}/{1} in the configuration (a Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob, Pod or WorkloadEntry)")]
+    UnknownWorkload(String, String),
+    #[error("{0}; give the provider's answer with extAuthz (allow, deny or error)")]
+    NeedExtAuthz(String),
+}
+
+/// Protocol named by a Service port: `appProtocol` first, then the name prefix.
+pub fn declared_protocol(
+    name: Option<&str>,
+    app_protocol: Option<&str>,
+) -> Option<(Protocol, String)> {
+    let classify = |p: &str| -> Option<Protocol> {
+        let p = p.to_ascii_lowercase();
+        match p.as_str() {
+            "http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c"
+            | "kubernetes.io/ws" => Some(Protocol::Http),
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => {
+                Some(Protocol::Tcp)
+            }
+            _ => None,
+        }
+    };
+    if let Some(ap) = app_protocol {
+        if let Some(p) = classify(ap) {
+            return Some((p, format!("Service port appProtocol \"{ap}\"")));
+        }
+    }
+    let n = name?;
+    let prefix = n.split('-').next().unwrap_or(n);
+    classify(prefix).map(|p| (p, format!("Service port name \"{n}\"")))
+}
+
+/// Maps the dialed port to the container port, finding the Service port that selects it.
+fn map_port(
+    cfg: &Config,
+    wl: &Workload,
+    port: u16,
+) -> (u16, Option<String>, Option<(Protocol, String)>) {
+    let selecting = cfg.services.iter().filter(|s| {
+        s.namespace() == wl.namespace
+            && s.spec.selector.as_ref().is_some_and(|sel| {
+                !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
+            })
+    });
+    let mut by_target = None;
+    for s in selecting {
+        for sp in &s.spec.ports {
+            let target = match &sp.target_port {
+                None => sp.port,
+                Some(IntOrString::Int(p)) => *p,
+                Some(IntOrString::String(name)) => wl
+                    .ports
+                    .iter()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .map(|p| p.container_port)
+                    .unwrap_or(0),
+            };
+            let proto = declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref());
+            if sp.port == port {
+                return (
+                    target,
+                    Some(format!("{}/{}:{}", s.namespace(), s.name(), sp.port)),
+                    proto,
+                );
+            }
+            if target == port && by_target.is_none() {
+                by_target = Some(proto);
+            }
+        }
+    }
+    (port, None, by_target.flatten())
+}
+
+fn default_host(svc: Option<&str>, wl: &Workload, port: u16) -> String {
+    let base = match svc {
+        Some(s) => {
+            let (nsname, _) = s.rsplit_once(':').unwrap_or((s, ""));
+            let (ns, name) = nsname.split_once('/').unwrap_or(("", nsname));
+            format!("{name}.{ns}")
+        }
+        None => format!("{}.{}", wl.name, wl.namespace),
+    };
+    if port == 80 {
+        base
+    } else {
+        format!("{base}:{port}")
+    }
+}
+
+fn reset(source: SourceInfo, destination: DestinationInfo, reason: String) -> Verdict {
+    Verdict {
+        result: Outcome::Reset,
+        status: None,
+        body: String::new(),
+        source,
+        destination,
+        request_principal: None,
+        authority: None,
+        decision: None,
+        reason,
+    }
+}
+
+/// Simulates one scenario against a loaded configuration.
+pub fn simulate(cfg: &Config, sc: &Scenario, jwks: &dyn JwksSource) -> Result<Verdict, SimError> {
+    let (dns, dname) = &sc.to;
+    let dst = cfg
+        .workload(dns, dname)
+        .ok_or_else(|| SimError::UnknownWorkload(dns.clone(), dname.clone()))?;
+    let td = &cfg.mesh.trust_domain;
+    let (client_wl, client_sidecar, client_id) = match &sc.from {
+        Client::Workload(ns, name) => {
+            let w = cfg
+                .workload(ns, name)
+                .ok_or_else(|| SimError::UnknownWorkload(ns.clone(), name.clone()))?;
+            (Some(w.id()), w.sidecar, w.sidecar.then(|| w.spiffe_id(td)))
+        }
+        Client::Spiffe(id) => (None, true, Some(id.clone())),
+        Client::Plaintext => (None, false, None),
+    };
+
+    let (container_port, service, declared) = map_port(cfg, dst, sc.port);
+    let (protocol, protocol_source) = match declared {
+        Some(p) => p,
+        None if sc.request.is_some() => (
+            Protocol::Http,
+            "detected: HTTP sniffed, no protocol declared".into(),
+        ),
+        None => (
+            Protocol::Tcp,
+            "detected: no protocol declared, not HTTP".into(),
+        ),
+    };
+    let pa = dst.sidecar.then(|| scope::peer_authentication(cfg, dst));
+    let mode = pa.as_ref().map(|p| p.mode_for(container_port).clone());
+    let mut destination = DestinationInfo {
+        workload: dst.id(),
+        kind: dst.kind,
+        sidecar: dst.sidecar,
+        service: service.clone(),
+        container_port,
+        protocol,
+        protocol_source,
+        mtls: mode.clone(),
+    };
+
+    // Auto mTLS: a sidecar client upgrades to mTLS unless the destination has no sidecar or
+    // its port is DISABLE. A SPIFFE source is an mTLS peer by definition.
+    let mtls = match &sc.from {
+        Client::Spiffe(_) => true,
+        _ => {
+            client_sidecar
+                && dst.sidecar
+                && mode.as_ref().is_some_and(|m| m.mode != MtlsMode::Disable)
+        }
+    };
+    let source = SourceInfo {
+        workload: client_wl,
+        identity: if mtls { client_id.clone() } else { None },
+        sidecar: client_sidecar,
+        mtls,
+    };
+
+    if !dst.sidecar {
+        destination.mtls = None;
+        let (status, body) = if sc.request.is_some() {
+            (Some(200), String::new())
+        } else {
+            (None, String::new())
+        };
+        return Ok(Verdict {
+            result: Outcome::Allow,
+            status,
+            body,
+            source,
+            destination,
+            request_principal: None,
+            authority: None,
+            decision: None,
+            reason: format!("{} has no sidecar, so nothing is enforced there", dst.id()),
+        });
+    }
+    let mode = mode.expect("sidecar workloads have a mode");
+    let port_desc = format!("port {container_port} is {}", mode.describe());
+    match mode.mode {
+        MtlsMode::Strict if !mtls => {
+            return Ok(reset(
+                source,
+                destination,
+                format!("{port_desc}; the plaintext connection is closed without a response"),
+            ))
+        }
+        MtlsMode::Disable if mtls => {
+            return Ok(reset(
+                source,
+                destination,
+                format!("{port_desc}; a TLS connection is not accepted"),
+            ))
+        }
+        _ => {}
+    }
+    if mtls {
+        let id = client_id.clone().unwrap_or_default();
+        let peer_td = id
+            .strip_prefix("spiffe://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or("");
+        if !cfg.mesh.trust_domain_bundle().iter().any(|t| t == peer_td) {
+            return Ok(reset(
+                source,
+                destination,
+                format!(
+                    "the peer's trust domain \"{peer_td}\" is neither the mesh trust domain \"{td}\" nor an alias; the TLS handshake fails"
+                ),
+            ));
+        }
+    }
+
+    let policy = WorkloadPolicy::compile(cfg, dst, jwks);
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut authority = String::new();
+    let mut target = String::new();
+    let mut method = String::new();
+    if let Some(r) = &sc.request {
+        for (n, v) in &r.headers {
+            let n = n.to_ascii_lowercase();
+            if n == "host" {
+                continue;
+            }
+            headers.push((n, v.clone()));
+        }
+        if let Some(t) = &r.token {
+            headers.push(("authorization".into(), format!("Bearer {t}")));
+        }
+        authority = r
+            .host
+            .clone()
+            .or_else(|| {
+                r.headers
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case("host"))
+                    .map(|x| x.1.clone())
+            })
+            .unwrap_or_else(|| default_host(service.as_deref(), dst, sc.port));
+        target = if r.path.is_empty() {
+            "/".into()
+        } else {
+            r.path.clone()
+        };
+        method = if r.method.is_empty() {
+            "GET".into()
+        } else {
+            r.method.clone()
+        };
+    }
+    let header_refs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let req = Request {
+        source_ip: sc.source_ip,
+        destination_ip: dst.address.as_deref().and_then(|a| a.parse().ok()),
+        destination_port: container_port,
+        sni: None,
+        peer: source.identity.as_deref(),
+        http: sc.request.as_ref().map(|_| HttpRequest {
+            method: &method,
+            authority: &authority,
+            target: &target,
+            headers: &header_refs,
+        }),
+    };
+    let answer = sc.ext_authz;
+    let decision = policy
+        .evaluate(&req, protocol, sc.now_unix, &mut |_, _| answer)
+        .map_err(|e| SimError::NeedExtAuthz(e.to_string()))?;
+    let mut reason = decision.reason.clone();
+    if protocol == Protocol::Tcp && sc.request.is_some() && decision.step != Step::Normalization {
+        reason = format!("port {container_port} is TCP ({}), so the request is an opaque TCP connection: {reason}", destination.protocol_source);
+    }
+    Ok(Verdict {
+        result: decision.outcome,
+        status: decision.status,
+        body: decision.body.clone(),
+        source,
+        destination,
+        request_principal: decision.request_principal.clone(),
+        authority: sc.request.as_ref().map(|_| authority.clone()),
+        reason,
+        decision: Some(decision),
+    })
+}

@@ -1,0 +1,399 @@
+//! `warden describe NS/WORKLOAD`: everything that applies to one workload's inbound traffic,
+//! and a short summary of who may reach it.
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+use warden_policy::authz::is_dry_run;
+use warden_policy::model::{Action, MtlsMode, Rule};
+use warden_policy::scope;
+use warden_policy::simulate::declared_protocol;
+
+use crate::{ConfigArgs, Format};
+
+#[derive(Args)]
+pub struct DescribeArgs {
+    /// The workload: NAMESPACE/WORKLOAD.
+    #[arg(value_name = "NS/WORKLOAD")]
+    workload: String,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Format,
+}
+
+#[derive(Serialize)]
+struct PortOut {
+    port: u16,
+    protocol: String,
+    mtls_mode: &'static str,
+    set_by: String,
+}
+
+#[derive(Serialize)]
+struct JwtOut {
+    issuer: String,
+    policy: String,
+    audiences: Vec<String>,
+    keys: String,
+}
+
+#[derive(Serialize)]
+struct PolicyOut {
+    namespace: String,
+    name: String,
+    action: &'static str,
+    dry_run: bool,
+    provider: Option<String>,
+    rules: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct DescribeOut {
+    schema: u32,
+    workload: String,
+    kind: &'static str,
+    sidecar: bool,
+    identity: String,
+    labels: std::collections::BTreeMap<String, String>,
+    ports: Vec<PortOut>,
+    jwt_rules: Vec<JwtOut>,
+    policies: Vec<PolicyOut>,
+    summary: Vec<String>,
+}
+
+fn list(name: &str, v: &[String], out: &mut Vec<String>) {
+    if !v.is_empty() {
+        out.push(format!("{name} {}", v.join(",")));
+    }
+}
+
+/// One rule in a line: `from (…) or (…), to (…), when …`.
+pub fn rule_text(r: &Option<Rule>) -> String {
+    let Some(r) = r else {
+        return "(null rule: skipped)".into();
+    };
+    let mut parts = Vec::new();
+    let froms: Vec<String> = r
+        .from
+        .iter()
+        .flatten()
+        .flatten()
+        .map(|f| {
+            let s = f.source.clone().unwrap_or_default();
+            let mut o = Vec::new();
+            list("principals", &s.principals, &mut o);
+            list("notPrincipals", &s.not_principals, &mut o);
+            list("requestPrincipals", &s.request_principals, &mut o);
+            list("notRequestPrincipals", &s.not_request_principals, &mut o);
+            list("namespaces", &s.namespaces, &mut o);
+            list("notNamespaces", &s.not_namespaces, &mut o);
+            list("serviceAccounts", &s.service_accounts, &mut o);
+            list("notServiceAccounts", &s.not_service_accounts, &mut o);
+            list("trustDomains", &s.trust_domains, &mut o);
+            list("notTrustDomains", &s.not_trust_domains, &mut o);
+            list("ipBlocks", &s.ip_blocks, &mut o);
+            list("notIpBlocks", &s.not_ip_blocks, &mut o);
+            list("remoteIpBlocks", &s.remote_ip_blocks, &mut o);
+            list("notRemoteIpBlocks", &s.not_remote_ip_blocks, &mut o);
+            format!("({})", o.join("; "))
+        })
+        .collect();
+    if !froms.is_empty() {
+        parts.push(format!("from {}", froms.join(" or ")));
+    }
+    let tos: Vec<String> =
+        r.to.iter()
+            .flatten()
+            .flatten()
+            .map(|t| {
+                let op = t.operation.clone().unwrap_or_default();
+                let mut o = Vec::new();
+                list("hosts", &op.hosts, &mut o);
+                list("notHosts", &op.not_hosts, &mut o);
+                list("ports", &op.ports, &mut o);
+                list("notPorts", &op.not_ports, &mut o);
+                list("methods", &op.methods, &mut o);
+                list("notMethods", &op.not_methods, &mut o);
+                list("paths", &op.paths, &mut o);
+                list("notPaths", &op.not_paths, &mut o);
+                format!("({})", o.join("; "))
+            })
+            .collect();
+    if !tos.is_empty() {
+        parts.push(format!("to {}", tos.join(" or ")));
+    }
+    for c in r.when.iter().flatten().flatten() {
+        if !c.values.is_empty() {
+            parts.push(format!("when {} in [{}]", c.key, c.values.join(",")));
+        }
+        if !c.not_values.is_empty() {
+            parts.push(format!(
+                "when {} not in [{}]",
+                c.key,
+                c.not_values.join(",")
+            ));
+        }
+    }
+    if parts.is_empty() {
+        "any request".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
+    let Some((ns, name)) = a.workload.split_once('/') else {
+        bail!("\"{}\" must be NAMESPACE/WORKLOAD", a.workload);
+    };
+    let cfg = crate::load_checked(&a.config, verbose)?;
+    let Some(wl) = cfg.workload(ns, name) else {
+        bail!("no workload {ns}/{name} in the configuration");
+    };
+    let pa = scope::peer_authentication(&cfg, wl);
+    let mut ports: BTreeSet<u16> = wl.ports.iter().map(|p| p.container_port).collect();
+    ports.extend(pa.ports.keys());
+    let mut port_out = Vec::new();
+    for s in cfg.services.iter().filter(|s| {
+        s.namespace() == wl.namespace
+            && s.spec.selector.as_ref().is_some_and(|sel| {
+                !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
+            })
+    }) {
+        for sp in &s.spec.ports {
+            if let Some(warden_policy::model::IntOrString::Int(t)) = sp.target_port {
+                ports.insert(t);
+            } else if sp.target_port.is_none() {
+                ports.insert(sp.port);
+            }
+        }
+    }
+    for p in &ports {
+        let m = pa.mode_for(*p);
+        let proto = cfg
+            .services
+            .iter()
+            .filter(|s| s.namespace() == wl.namespace)
+            .flat_map(|s| s.spec.ports.iter())
+            .find(|sp| match &sp.target_port {
+                Some(warden_policy::model::IntOrString::Int(t)) => t == p,
+                None => sp.port == *p,
+                _ => false,
+            })
+            .and_then(|sp| declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref()))
+            .map(|(p, _)| format!("{p:?}").to_lowercase())
+            .unwrap_or_else(|| "detected".into());
+        port_out.push(PortOut {
+            port: *p,
+            protocol: proto,
+            mtls_mode: m.mode.as_str(),
+            set_by: m.describe(),
+        });
+    }
+    let jwt_rules: Vec<JwtOut> = scope::request_authentications(&cfg, wl)
+        .iter()
+        .flat_map(|ra| {
+            ra.spec.jwt_rules.iter().flatten().map(move |r| JwtOut {
+                issuer: r.issuer.clone(),
+                policy: format!("{}/{}", ra.namespace(), ra.name()),
+                audiences: r.audiences.clone(),
+                keys: if !r.jwks.is_empty() {
+                    "inline jwks".into()
+                } else {
+                    format!("jwksUri {}", r.jwks_uri)
+                },
+            })
+        })
+        .collect();
+    let mut policies: Vec<PolicyOut> = scope::authorization_policies(&cfg, wl)
+        .iter()
+        .map(|p| PolicyOut {
+            namespace: p.namespace().into(),
+            name: p.name().into(),
+            action: p.spec.action.as_str(),
+            dry_run: is_dry_run(&p.meta),
+            provider: p.spec.provider.as_ref().map(|x| x.name.clone()),
+            rules: p.spec.rules.iter().flatten().map(rule_text).collect(),
+        })
+        .collect();
+    let order = |a: &str| {
+        ["CUSTOM", "AUDIT", "DENY", "ALLOW"]
+            .iter()
+            .position(|x| *x == a)
+            .unwrap_or(9)
+    };
+    policies.sort_by_key(|p| (order(p.action), p.namespace.clone(), p.name.clone()));
+
+    let mut summary = Vec::new();
+    if !wl.sidecar {
+        summary
+            .push("no sidecar: nothing is enforced, anyone who can reach the pod is let in".into());
+    } else {
+        let plain: Vec<String> = port_out
+            .iter()
+            .filter(|p| p.mtls_mode != MtlsMode::Strict.as_str())
+            .map(|p| p.port.to_string())
+            .collect();
+        if plain.is_empty() {
+            summary.push(
+                "mTLS is required on every port: only workloads with a mesh identity get in".into(),
+            );
+        } else {
+            summary.push(format!(
+                "plaintext is accepted on port(s) {} (identity-based rules cannot match those clients)",
+                plain.join(", ")
+            ));
+        }
+        let enforced = |act: &str| {
+            policies
+                .iter()
+                .filter(|p| p.action == act && !p.dry_run)
+                .count()
+        };
+        let deny = enforced(Action::Deny.as_str());
+        let allow = enforced(Action::Allow.as_str());
+        if enforced(Action::Custom.as_str()) > 0 {
+            summary
+                .push("matching requests are first sent to an external authorizer (CUSTOM)".into());
+        }
+        if !jwt_rules.is_empty() {
+            let required = policies.iter().any(|p| {
+                p.action == "ALLOW"
+                    && !p.dry_run
+                    && p.rules
+                        .iter()
+                        .any(|r| r.contains("requestPrincipals") || r.contains("request.auth"))
+            });
+            summary.push(format!(
+                "JWTs from {} are validated (invalid ones get 401){}",
+                jwt_rules
+                    .iter()
+                    .map(|j| j.issuer.clone())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if required {
+                    "; ALLOW rules require a token"
+                } else {
+                    "; requests without a token are NOT rejected by RequestAuthentication alone"
+                }
+            ));
+        }
+        if deny > 0 {
+            summary.push(format!(
+                "{} reject matching requests first",
+                plural(deny, "DENY policy", "DENY policies")
+            ));
+        }
+        match allow {
+            0 => summary.push("no ALLOW policy: everything not denied is allowed".into()),
+            n => {
+                let rules: usize = policies
+                    .iter()
+                    .filter(|p| p.action == "ALLOW" && !p.dry_run)
+                    .map(|p| p.rules.len())
+                    .sum();
+                if rules == 0 {
+                    summary.push(format!(
+                        "{} with no rules: every request is denied (allow-nothing)",
+                        plural(n, "ALLOW policy", "ALLOW policies")
+                    ));
+                } else {
+                    summary.push(if rules == 1 {
+                        "only requests matching the one ALLOW rule get in; all others get 403".to_string()
+                    } else {
+                        format!("only requests matching one of the {rules} ALLOW rules get in; all others get 403")
+                    });
+                }
+            }
+        }
+    }
+    let out = DescribeOut {
+        schema: 1,
+        workload: wl.id(),
+        kind: wl.kind,
+        sidecar: wl.sidecar,
+        identity: wl.spiffe_id(&cfg.mesh.trust_domain),
+        labels: wl.labels.clone(),
+        ports: port_out,
+        jwt_rules,
+        policies,
+        summary,
+    };
+    match a.output {
+        Format::Json => say!("{}", serde_json::to_string_pretty(&out)?),
+        Format::Text => crate::emit(&text(&out)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        one.to_string()
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+fn text(o: &DescribeOut) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "Workload:  {} ({}, {})\n",
+        o.workload,
+        o.kind,
+        if o.sidecar { "sidecar" } else { "no sidecar" }
+    ));
+    s.push_str(&format!("Identity:  {}\n", o.identity));
+    s.push_str("\nInbound mTLS by container port:\n");
+    if o.ports.is_empty() {
+        s.push_str("  (no ports declared)\n");
+    }
+    for p in &o.ports {
+        s.push_str(&format!("  {:<6} {:<9} {}\n", p.port, p.protocol, p.set_by));
+    }
+    s.push_str("\nJWT rules (RequestAuthentication):\n");
+    if o.jwt_rules.is_empty() {
+        s.push_str("  none\n");
+    }
+    for j in &o.jwt_rules {
+        let aud = if j.audiences.is_empty() {
+            "any audience".into()
+        } else {
+            format!("audiences {}", j.audiences.join(","))
+        };
+        s.push_str(&format!(
+            "  issuer {} ({aud}; {}) from {}\n",
+            j.issuer, j.keys, j.policy
+        ));
+    }
+    s.push_str("\nAuthorizationPolicies (evaluated CUSTOM, AUDIT, DENY, ALLOW):\n");
+    if o.policies.is_empty() {
+        s.push_str("  none\n");
+    }
+    for p in &o.policies {
+        let dry = if p.dry_run { " [dry-run]" } else { "" };
+        let prov = p
+            .provider
+            .as_ref()
+            .map(|x| format!(" provider {x}"))
+            .unwrap_or_default();
+        s.push_str(&format!(
+            "  {:<6} {}/{}{prov}{dry}\n",
+            p.action, p.namespace, p.name
+        ));
+        if p.rules.is_empty() {
+            s.push_str("           (no rules: matches nothing)\n");
+        }
+        for (i, r) in p.rules.iter().enumerate() {
+            s.push_str(&format!("           rule {i}: {r}\n"));
+        }
+    }
+    s.push_str("\nWho may reach it:\n");
+    for l in &o.summary {
+        s.push_str(&format!("  - {l}\n"));
+    }
+    s
+}

@@ -1,0 +1,330 @@
+//! `warden test`: policy test files (docs/test-format.md) run through the offline engine,
+//! each case reported as pass or fail, then `N passed, M failed`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+use warden_policy::config::{Config, Loader};
+use warden_policy::engine::ExtAuthzAnswer;
+use warden_policy::simulate::{simulate, Client, HttpSpec, Scenario};
+use warden_policy::source::parse_documents;
+
+use crate::{check, input, jwks_fetch, render};
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Test files (YAML). Folders are searched for *.yaml files.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<String>,
+    /// Only run cases whose name contains this text.
+    #[arg(long, value_name = "TEXT")]
+    run: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TestFile {
+    #[serde(default)]
+    name: Option<String>,
+    /// Where the scenario comes from (free text).
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    now: Option<String>,
+    #[serde(default)]
+    config: Option<String>,
+    #[serde(default)]
+    config_files: Vec<String>,
+    #[serde(default)]
+    tokens: BTreeMap<String, String>,
+    #[serde(default)]
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum HeaderValue {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Request {
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, HeaderValue>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Expect {
+    Allow,
+    Deny,
+    Unauthenticated,
+    Reset,
+}
+
+impl Expect {
+    fn as_str(self) -> &'static str {
+        match self {
+            Expect::Allow => "allow",
+            Expect::Deny => "deny",
+            Expect::Unauthenticated => "unauthenticated",
+            Expect::Reset => "reset",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Case {
+    name: String,
+    from: String,
+    #[serde(default, rename = "sourceIP")]
+    source_ip: Option<String>,
+    to: String,
+    port: u16,
+    #[serde(default)]
+    request: Option<Request>,
+    #[serde(default)]
+    ext_authz: Option<ExtAuthzAnswer>,
+    expect: Expect,
+}
+
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    bad_files: usize,
+}
+
+fn read_test_file(path: &Path) -> Result<(TestFile, warden_policy::source::Document)> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("{file}: cannot read"))?;
+    let mut docs = parse_documents(&file, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if docs.len() != 1 {
+        bail!("{file}: expected one YAML document, found {}", docs.len());
+    }
+    let doc = docs.remove(0);
+    let tf: TestFile = serde_path_to_error::deserialize(&doc.value).map_err(|e| {
+        let p = e.path().to_string();
+        anyhow::anyhow!("{file}:{}: {p}: {}", doc.line_of(&p), e.inner())
+    })?;
+    Ok((tf, doc))
+}
+
+fn load_config(
+    path: &Path,
+    tf: &TestFile,
+    doc: &warden_policy::source::Document,
+    verbose: bool,
+) -> Result<Config> {
+    let file = path.display().to_string();
+    let mut loader = Loader::new();
+    if let Some(c) = &tf.config {
+        // Pad with blank lines so diagnostics carry the test file's own line numbers: a block
+        // scalar's text starts on the line after `config: |`.
+        let pad = "\n".repeat(doc.line_of("config"));
+        loader.add_text(&file, &format!("{pad}{c}"));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let files: Vec<String> = tf
+        .config_files
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .collect();
+    input::add_inputs(&mut loader, &files)?;
+    let (cfg, mut diags) = loader.finish();
+    diags.extend(warden_policy::validate::validate(&cfg));
+    let errors: Vec<String> = diags
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| d.to_string())
+        .collect();
+    if verbose {
+        for d in diags.iter().filter(|d| !d.is_error()) {
+            eprintln!("{d}");
+        }
+    }
+    if !errors.is_empty() {
+        bail!("the configuration has errors:\n  {}", errors.join("\n  "));
+    }
+    Ok(cfg)
+}
+
+fn scenario(tf: &TestFile, c: &Case, now: i64) -> Result<Scenario> {
+    let from = Client::parse(&c.from).map_err(|e| anyhow::anyhow!("from: {e}"))?;
+    let to = check::parse_to(&c.to)
+        .map_err(|_| anyhow::anyhow!("to: \"{}\" must be NAMESPACE/WORKLOAD", c.to))?;
+    let source_ip = match &c.source_ip {
+        Some(s) => Some(
+            s.parse()
+                .map_err(|_| anyhow::anyhow!("sourceIP: \"{s}\" is not an IP address"))?,
+        ),
+        None => None,
+    };
+    let request = match &c.request {
+        None => None,
+        Some(r) => {
+            let mut headers = Vec::new();
+            for (n, v) in &r.headers {
+                match v {
+                    HeaderValue::One(v) => headers.push((n.to_ascii_lowercase(), v.clone())),
+                    HeaderValue::Many(vs) => {
+                        for v in vs {
+                            headers.push((n.to_ascii_lowercase(), v.clone()));
+                        }
+                    }
+                }
+            }
+            let token = match r.token.as_deref() {
+                Some(t) if t.starts_with('$') => {
+                    Some(tf.tokens.get(&t[1..]).cloned().ok_or_else(|| {
+                        anyhow::anyhow!("request.token: {t} is not in this file's tokens")
+                    })?)
+                }
+                Some(t) => Some(t.to_string()),
+                None => None,
+            };
+            Some(HttpSpec {
+                method: r.method.clone().unwrap_or_else(|| "GET".into()),
+                path: r.path.clone().unwrap_or_else(|| "/".into()),
+                host: r.host.clone(),
+                headers,
+                token,
+            })
+        }
+    };
+    Ok(Scenario {
+        from,
+        to,
+        port: c.port,
+        source_ip,
+        request,
+        now_unix: now,
+        ext_authz: c.ext_authz,
+    })
+}
+
+fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
+    let file = path.display().to_string();
+    let (tf, doc) = match read_test_file(path) {
+        Ok(x) => x,
+        Err(e) => {
+            say!("ERROR {file}: {e:#}");
+            tally.bad_files += 1;
+            return;
+        }
+    };
+    let title = tf.name.clone().unwrap_or_else(|| file.clone());
+    say!("{title} ({file})");
+    let _ = &tf.source;
+    let cfg = match load_config(path, &tf, &doc, verbose) {
+        Ok(c) => c,
+        Err(e) => {
+            say!("  ERROR {e:#}");
+            tally.bad_files += 1;
+            tally.failed += tf.cases.len();
+            return;
+        }
+    };
+    let now = match check::now_or(tf.now.as_deref()) {
+        Ok(n) => n,
+        Err(e) => {
+            say!("  ERROR now: {e:#}");
+            tally.bad_files += 1;
+            tally.failed += tf.cases.len();
+            return;
+        }
+    };
+    let jwks = jwks_fetch::Fetched::for_config(&cfg);
+    for (i, c) in tf.cases.iter().enumerate() {
+        if args.run.as_deref().is_some_and(|r| !c.name.contains(r)) {
+            continue;
+        }
+        let line = doc.line_of(&format!("cases[{i}]"));
+        let result = scenario(&tf, c, now).and_then(|sc| Ok((simulate(&cfg, &sc, &jwks)?, sc)));
+        match result {
+            Ok((v, sc)) if v.result.as_str() == c.expect.as_str() => {
+                tally.passed += 1;
+                say!("  pass  {}", c.name);
+                if verbose {
+                    for l in render::to_text(&sc, &v).lines() {
+                        say!("          {l}");
+                    }
+                }
+            }
+            Ok((v, sc)) => {
+                tally.failed += 1;
+                say!(
+                    "  FAIL  {} ({file}:{line}): expected {}, got {}",
+                    c.name,
+                    c.expect.as_str(),
+                    v.result.as_str()
+                );
+                for l in render::to_text(&sc, &v).lines() {
+                    say!("          {l}");
+                }
+            }
+            Err(e) => {
+                tally.failed += 1;
+                say!("  FAIL  {} ({file}:{line}): {e:#}", c.name);
+            }
+        }
+    }
+}
+
+pub fn run(args: &TestArgs, verbose: bool) -> Result<ExitCode> {
+    let mut tally = Tally::default();
+    let mut paths = Vec::new();
+    for f in &args.files {
+        let p = Path::new(f);
+        if p.is_dir() {
+            let mut found: Vec<_> = walk(p)?;
+            found.sort();
+            paths.extend(found);
+        } else {
+            paths.push(p.to_path_buf());
+        }
+    }
+    for p in &paths {
+        run_file(p, args, verbose, &mut tally);
+    }
+    say!("{} passed, {} failed", tally.passed, tally.failed);
+    Ok(if tally.bad_files > 0 {
+        ExitCode::from(2)
+    } else if tally.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Test files under a folder: `*.yaml` files that have a `cases:` key.
+fn walk(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk(&p)?);
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            if text.lines().any(|l| l.starts_with("cases:")) {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}

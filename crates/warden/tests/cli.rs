@@ -1,0 +1,405 @@
+//! End-to-end tests of the `warden` binary: the bundled examples and the shared conformance
+//! suite, golden outputs for the explanation formats, exit codes and bad-input messages.
+//!
+//! Golden files live in `tests/golden/`; run with `UPDATE_GOLDEN=1` to rewrite them after an
+//! intended change, then review the diff.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// Runs warden with a hard time limit: a hang fails the test instead of stalling CI.
+fn warden(args: &[&str]) -> Out {
+    let child = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(args)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn warden");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(o)) => Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        },
+        Ok(Err(e)) => panic!("warden {args:?}: {e}"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("warden {args:?} did not finish within 60 s");
+        }
+    }
+}
+
+/// Compares with a golden file, making paths in the output independent of the checkout.
+fn golden(name: &str, actual: &str) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .display()
+        .to_string();
+    let actual = actual.replace(&fixtures, "<fixtures>");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &actual).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "missing golden file {}; run with UPDATE_GOLDEN=1",
+            path.display()
+        )
+    });
+    assert_eq!(actual, want, "output differs from {}", path.display());
+}
+
+#[test]
+fn examples_all_pass() {
+    let o = warden(&["test", "examples/"]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    let last = o.stdout.lines().last().unwrap_or_default();
+    assert!(last.ends_with(" passed, 0 failed"), "{last}");
+    assert!(!last.starts_with("0 passed"), "no example case ran");
+}
+
+#[test]
+fn shared_conformance_suite_passes() {
+    let dir = root().join("../shared/conformance/cases");
+    assert!(
+        dir.is_dir(),
+        "the shared conformance cases must sit beside the project: {}",
+        dir.display()
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .filter(|p| p.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let mut args = vec!["test"];
+    args.extend(files.iter().map(String::as_str));
+    let o = warden(&args);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(o
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .ends_with(" passed, 0 failed"));
+}
+
+#[test]
+fn check_golden_outputs() {
+    let m = fixture("mesh.yaml");
+    let cases: [(&str, Vec<&str>, i32); 6] = [
+        (
+            "check-deny-admin.txt",
+            vec![
+                "--from",
+                "foo/sleep",
+                "--to",
+                "foo/httpbin",
+                "--port",
+                "8000",
+                "--method",
+                "POST",
+                "--path",
+                "/admin/users?x=1",
+            ],
+            1,
+        ),
+        (
+            "check-allow-dry-run.txt",
+            vec![
+                "--from",
+                "foo/sleep",
+                "--to",
+                "foo/httpbin",
+                "--port",
+                "8000",
+                "--method",
+                "GET",
+                "--path",
+                "/get",
+            ],
+            0,
+        ),
+        (
+            "check-strict-reset.txt",
+            vec![
+                "--from",
+                "legacy/sleep",
+                "--to",
+                "foo/httpbin",
+                "--port",
+                "8000",
+                "--path",
+                "/get",
+            ],
+            1,
+        ),
+        (
+            "check-tcp.txt",
+            vec![
+                "--from",
+                "foo/sleep",
+                "--to",
+                "foo/httpbin",
+                "--port",
+                "9000",
+            ],
+            1,
+        ),
+        (
+            "check-foreign-trust-domain.txt",
+            vec![
+                "--from",
+                "spiffe://evil.example/ns/foo/sa/sleep",
+                "--to",
+                "foo/httpbin",
+                "--port",
+                "8000",
+                "--path",
+                "/",
+            ],
+            1,
+        ),
+        (
+            "check-no-sidecar.txt",
+            vec![
+                "--from",
+                "foo/sleep",
+                "--to",
+                "legacy/sleep",
+                "--port",
+                "80",
+                "--path",
+                "/",
+            ],
+            0,
+        ),
+    ];
+    for (name, args, code) in cases {
+        let mut a = vec!["check", "-f", m.as_str()];
+        a.extend(args);
+        let o = warden(&a);
+        assert_eq!(o.code, code, "{name}: {}{}", o.stdout, o.stderr);
+        golden(name, &o.stdout);
+    }
+}
+
+#[test]
+fn check_json_is_stable() {
+    let m = fixture("mesh.yaml");
+    let o = warden(&[
+        "check",
+        "-f",
+        &m,
+        "--from",
+        "foo/sleep",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "8000",
+        "--method",
+        "GET",
+        "--path",
+        "/admin",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(o.code, 1);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("valid JSON");
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["result"], "deny");
+    assert_eq!(v["http_status"], 403);
+    assert_eq!(v["body"], "RBAC: access denied");
+    assert_eq!(
+        v["policy"]["envoy_id"],
+        "ns[foo]-policy[deny-admin]-rule[0]"
+    );
+    assert_eq!(v["destination"]["container_port"], 80);
+    assert_eq!(v["destination"]["mtls_mode"], "STRICT");
+    assert_eq!(v["destination"]["mtls_policy"], "istio-system/default");
+    assert_eq!(
+        v["source"]["identity"],
+        "spiffe://cluster.local/ns/foo/sa/sleep"
+    );
+    assert_eq!(v["dry_run"][0]["result"], "allowed");
+    golden("check-json.json", &o.stdout);
+}
+
+#[test]
+fn describe_golden() {
+    let m = fixture("mesh.yaml");
+    let o = warden(&["describe", "foo/httpbin", "-f", &m]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    golden("describe-httpbin.txt", &o.stdout);
+}
+
+#[test]
+fn bad_input_names_file_line_resource_and_field() {
+    let o = warden(&[
+        "check",
+        "-f",
+        &fixture("bad-field.yaml"),
+        "--from",
+        "plaintext",
+        "--to",
+        "foo/x",
+        "--port",
+        "80",
+    ]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("bad-field.yaml:9"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("AuthorizationPolicy foo/typo"),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.contains("unknown field \"spec.rules[0].form\""),
+        "{}",
+        o.stderr
+    );
+
+    let o = warden(&["analyze", "-f", &fixture("bad-type.yaml")]);
+    assert_eq!(o.code, 1);
+    assert!(o.stdout.contains("bad-type.yaml:10"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("spec.rules[0].to[0].operation.ports[0]"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.contains("expected a string"), "{}", o.stdout);
+
+    let o = warden(&["analyze", "-f", &fixture("bad-syntax.yaml")]);
+    assert_eq!(o.code, 1);
+    assert!(o.stdout.contains("bad-syntax.yaml:"), "{}", o.stdout);
+
+    let o = warden(&[
+        "check",
+        "-f",
+        "/nonexistent/dir",
+        "--from",
+        "plaintext",
+        "--to",
+        "a/b",
+        "--port",
+        "1",
+    ]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("/nonexistent/dir"), "{}", o.stderr);
+}
+
+#[test]
+fn flags_are_validated_before_work() {
+    let m = fixture("mesh.yaml");
+    let o = warden(&[
+        "check",
+        "-f",
+        &m,
+        "--from",
+        "foo",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "80",
+    ]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("NAMESPACE/WORKLOAD"), "{}", o.stderr);
+    let o = warden(&[
+        "check",
+        "-f",
+        &m,
+        "--from",
+        "plaintext",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "80",
+        "--tcp",
+        "--method",
+        "GET",
+    ]);
+    assert_eq!(o.code, 2);
+    let o = warden(&[
+        "check",
+        "-f",
+        &m,
+        "--from",
+        "plaintext",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "99999",
+    ]);
+    assert_eq!(o.code, 2);
+    let o = warden(&[
+        "check",
+        "-f",
+        &m,
+        "--from",
+        "plaintext",
+        "--to",
+        "foo/nothere",
+        "--port",
+        "80",
+    ]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("no workload foo/nothere"), "{}", o.stderr);
+    for cmd in ["check", "test", "analyze", "describe"] {
+        let o = warden(&[cmd, "--help"]);
+        assert_eq!(o.code, 0, "{cmd} --help");
+        assert!(o.stdout.contains("Usage"), "{cmd} --help");
+    }
+}
+
+#[test]
+fn stdin_and_lists_are_read() {
+    let text = std::fs::read_to_string(fixture("mesh.yaml")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["describe", "foo/httpbin", "-f", "-", "-o", "json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["identity"], "spiffe://cluster.local/ns/foo/sa/httpbin");
+}

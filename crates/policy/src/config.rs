@@ -215,7 +215,7 @@ impl Loader {
             let meta: ObjectMeta = match decode(&doc, "metadata", obj.get("metadata")) {
                 Ok(m) => m,
                 Err(d) => {
-                    diags.push(d);
+                    diags.push(*d);
                     continue;
                 }
             };
@@ -294,7 +294,7 @@ impl Loader {
                         }),
                         Err(mut d) => {
                             d.resource = Some(rname.clone());
-                            diags.push(d);
+                            diags.push(*d);
                             None
                         }
                     }
@@ -511,7 +511,7 @@ fn decode<T: DeserializeOwned + Default>(
     doc: &Document,
     field: &str,
     v: Option<&Value>,
-) -> Result<T, Diagnostic> {
+) -> Result<T, Box<Diagnostic>> {
     let Some(v) = v else { return Ok(T::default()) };
     if v.is_null() {
         return Ok(T::default());
@@ -531,7 +531,7 @@ fn decode<T: DeserializeOwned + Default>(
             }
             None => inner,
         };
-        Diagnostic {
+        Box::new(Diagnostic {
             severity: Severity::Error,
             code: "WRD0002",
             file: doc.file.to_string(),
@@ -539,7 +539,7 @@ fn decode<T: DeserializeOwned + Default>(
             resource: None,
             field: Some(path),
             message,
-        }
+        })
     })
 }
 

@@ -91,7 +91,12 @@ fn short_list(items: &[String]) -> String {
     s
 }
 
-fn workload_diag(wl: &Workload, severity: Severity, code: &'static str, message: String) -> Diagnostic {
+fn workload_diag(
+    wl: &Workload,
+    severity: Severity,
+    code: &'static str,
+    message: String,
+) -> Diagnostic {
     Diagnostic {
         severity,
         code,
@@ -122,11 +127,11 @@ fn sources(rule: &Rule) -> impl Iterator<Item = (usize, &Source)> {
 }
 
 fn operations(rule: &Rule) -> impl Iterator<Item = (usize, &Operation)> {
-    rule.to
-        .iter()
-        .flatten()
-        .enumerate()
-        .filter_map(|(j, t)| t.as_ref().and_then(|t| t.operation.as_ref()).map(|o| (j, o)))
+    rule.to.iter().flatten().enumerate().filter_map(|(j, t)| {
+        t.as_ref()
+            .and_then(|t| t.operation.as_ref())
+            .map(|o| (j, o))
+    })
 }
 
 fn conditions(rule: &Rule) -> impl Iterator<Item = (usize, &Condition)> {
@@ -186,7 +191,10 @@ fn referenced_namespaces(cfg: &Config, out: &mut Vec<Diagnostic>) {
         let mut r = reporter(p, out);
         for (_, base, rule) in rules(p) {
             for (j, s) in sources(rule) {
-                for (json, values) in [("namespaces", &s.namespaces), ("notNamespaces", &s.not_namespaces)] {
+                for (json, values) in [
+                    ("namespaces", &s.namespaces),
+                    ("notNamespaces", &s.not_namespaces),
+                ] {
                     for (k, v) in values.iter().enumerate() {
                         if !v.is_empty() && !known.iter().any(|ns| namespace_matches(v, ns)) {
                             r.push(
@@ -224,9 +232,10 @@ fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
             .iter()
             .any(|w| w.namespace == ns && selects(sel, &w.labels))
     };
-    let anywhere = |sel: Option<&WorkloadSelector>| cfg.workloads.iter().any(|w| selects(sel, &w.labels));
+    let anywhere =
+        |sel: Option<&WorkloadSelector>| cfg.workloads.iter().any(|w| selects(sel, &w.labels));
     // (resource, namespace, selector, is Warden's extension of the istioctl check)
-    let mut check = |r: &mut Reporter<'_>, ns: &str, sel: Option<&WorkloadSelector>, extended: bool| {
+    let check = |r: &mut Reporter<'_>, ns: &str, sel: Option<&WorkloadSelector>, extended: bool| {
         let note = if extended {
             " (Warden extension: istioctl analyze checks AuthorizationPolicy only)"
         } else {
@@ -234,7 +243,11 @@ fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
         };
         match sel.filter(|s| !s.match_labels.is_empty()) {
             Some(s) => {
-                let found = if ns == root { anywhere(Some(s)) } else { in_ns(ns, Some(s)) };
+                let found = if ns == root {
+                    anywhere(Some(s))
+                } else {
+                    in_ns(ns, Some(s))
+                };
                 if !found {
                     r.push(
                         Severity::Warning,
@@ -263,17 +276,31 @@ fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
     };
     for p in &cfg.authorization_policies {
         if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
-            check(&mut reporter(p, out), p.namespace(), p.spec.selector.as_ref(), false);
+            check(
+                &mut reporter(p, out),
+                p.namespace(),
+                p.spec.selector.as_ref(),
+                false,
+            );
         }
     }
     for p in &cfg.request_authentications {
         if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
-            check(&mut reporter(p, out), p.namespace(), p.spec.selector.as_ref(), true);
+            check(
+                &mut reporter(p, out),
+                p.namespace(),
+                p.spec.selector.as_ref(),
+                true,
+            );
         }
     }
     for p in &cfg.peer_authentications {
         // Root-namespace selector policies are ignored anyway (WRD0110).
-        let sel = p.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty());
+        let sel = p
+            .spec
+            .selector
+            .as_ref()
+            .filter(|s| !s.match_labels.is_empty());
         if sel.is_some() && p.namespace() != root {
             check(&mut reporter(p, out), p.namespace(), sel, true);
         }
@@ -282,7 +309,12 @@ fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
 
 // ------------------------------------------------------------------ IST0102 / IST0103
 
-const SYSTEM_NAMESPACES: [&str; 4] = ["kube-system", "kube-public", "kube-node-lease", "local-path-storage"];
+const SYSTEM_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "local-path-storage",
+];
 
 fn is_ambient(labels: &Labels) -> bool {
     labels.get("istio.io/dataplane-mode").map(String::as_str) == Some("ambient")
@@ -303,7 +335,10 @@ fn namespace_not_injected(cfg: &Config, out: &mut Vec<Diagnostic>) {
         }) {
             continue;
         }
-        let missing = cfg.workloads.iter().any(|w| w.namespace == ns && !w.sidecar);
+        let missing = cfg
+            .workloads
+            .iter()
+            .any(|w| w.namespace == ns && !w.sidecar);
         if !missing {
             continue;
         }
@@ -326,8 +361,21 @@ fn namespace_not_injected(cfg: &Config, out: &mut Vec<Diagnostic>) {
                         .map(|p| p.origin.clone())
                 })
         });
-        let has_policies = cfg.authorization_policies.iter().any(|p| p.namespace() == ns)
-            || cfg.request_authentications.iter().any(|p| p.namespace() == ns)
+        let assumed = if obj.is_none() {
+            format!(
+                " (no Namespace object for {ns} was given, so Warden assumes it is not labelled)"
+            )
+        } else {
+            String::new()
+        };
+        let has_policies = cfg
+            .authorization_policies
+            .iter()
+            .any(|p| p.namespace() == ns)
+            || cfg
+                .request_authentications
+                .iter()
+                .any(|p| p.namespace() == ns)
             || cfg.peer_authentications.iter().any(|p| p.namespace() == ns);
         let Some(origin) = origin.filter(|_| has_policies) else {
             continue;
@@ -343,7 +391,7 @@ fn namespace_not_injected(cfg: &Config, out: &mut Vec<Diagnostic>) {
                 "The namespace is not enabled for Istio injection. Run 'kubectl label namespace {ns} \
                  istio-injection=enabled' to enable it, or 'kubectl label namespace {ns} \
                  istio-injection=disabled' to explicitly mark it as not needing injection. \
-                 Security policies in {ns} are not enforced on workloads without a sidecar"
+                 Security policies in {ns} are not enforced on workloads without a sidecar{assumed}"
             ),
         });
     }
@@ -411,7 +459,8 @@ fn requires_token(p: &Resource<AuthorizationPolicySpec>) -> bool {
         return false;
     }
     rules(p).any(|(_, _, rule)| {
-        sources(rule).any(|(_, s)| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
+        sources(rule)
+            .any(|(_, s)| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
             || conditions(rule).any(|(_, c)| c.key.starts_with("request.auth."))
     })
 }
@@ -423,13 +472,21 @@ fn token_not_required(cfg: &Config, out: &mut Vec<Diagnostic>) {
         }
         let open: Vec<String> = attached_workloads(cfg, ra.namespace(), ra.spec.selector.as_ref())
             .into_iter()
-            .filter(|wl| !scope::authorization_policies(cfg, wl).into_iter().any(requires_token))
+            .filter(|wl| {
+                !scope::authorization_policies(cfg, wl)
+                    .into_iter()
+                    .any(requires_token)
+            })
             .map(Workload::id)
             .collect();
         if open.is_empty() {
             continue;
         }
-        let field = if ra.spec.jwt_rules.is_empty() { "spec" } else { "spec.jwtRules" };
+        let field = if ra.spec.jwt_rules.is_empty() {
+            "spec"
+        } else {
+            "spec.jwtRules"
+        };
         reporter(ra, out).push(
             Severity::Warning,
             "WRD0101",
@@ -446,7 +503,12 @@ fn token_not_required(cfg: &Config, out: &mut Vec<Diagnostic>) {
 
 // ------------------------------------------------------------------ WRD0102
 
-const IDENTITY_FIELDS: [&str; 4] = ["principals", "namespaces", "serviceAccounts", "trustDomains"];
+const IDENTITY_FIELDS: [&str; 4] = [
+    "principals",
+    "namespaces",
+    "serviceAccounts",
+    "trustDomains",
+];
 const IDENTITY_KEYS: [&str; 4] = [
     "source.principal",
     "source.namespace",
@@ -459,7 +521,12 @@ const IDENTITY_KEYS: [&str; 4] = [
 fn plaintext_ports(cfg: &Config, wl: &Workload, rule: &Rule) -> Vec<(Option<u16>, String)> {
     let pa = scope::peer_authentication(cfg, wl);
     let accepts = |m: MtlsMode| matches!(m, MtlsMode::Permissive | MtlsMode::Disable);
-    let mut ports: BTreeSet<u16> = wl.ports.iter().map(|p| p.container_port).filter(|p| *p != 0).collect();
+    let mut ports: BTreeSet<u16> = wl
+        .ports
+        .iter()
+        .map(|p| p.container_port)
+        .filter(|p| *p != 0)
+        .collect();
     ports.extend(pa.ports.keys().copied());
     if ports.is_empty() {
         return if accepts(pa.base.mode) {
@@ -546,16 +613,15 @@ fn tcp_ports(cfg: &Config, wl: &Workload) -> BTreeMap<u16, String> {
     let mut out = BTreeMap::new();
     for s in &cfg.services {
         let selects_wl = s.namespace() == wl.namespace
-            && s
-                .spec
-                .selector
-                .as_ref()
-                .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v)));
+            && s.spec.selector.as_ref().is_some_and(|sel| {
+                !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
+            });
         if !selects_wl {
             continue;
         }
         for sp in &s.spec.ports {
-            let Some((Protocol::Tcp, why)) = declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref())
+            let Some((Protocol::Tcp, why)) =
+                declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref())
             else {
                 continue;
             };
@@ -577,8 +643,8 @@ fn tcp_ports(cfg: &Config, wl: &Workload) -> BTreeMap<u16, String> {
     out
 }
 
-/// Field paths of HTTP-only constraints in a rule.
-fn http_only_fields(base: &str, rule: &Rule) -> Vec<String> {
+/// `(field path, name)` of every HTTP-only constraint in a rule.
+fn http_only_fields(base: &str, rule: &Rule) -> Vec<(String, String)> {
     let mut v = Vec::new();
     for (j, s) in sources(rule) {
         for (json, values) in [
@@ -586,20 +652,20 @@ fn http_only_fields(base: &str, rule: &Rule) -> Vec<String> {
             ("notRequestPrincipals", &s.not_request_principals),
         ] {
             if !values.is_empty() {
-                v.push(format!("{base}.from[{j}].source.{json}"));
+                v.push((format!("{base}.from[{j}].source.{json}"), json.to_string()));
             }
         }
     }
     for (j, o) in operations(rule) {
         for (json, _, values) in operation_fields(o) {
             if !values.is_empty() && !matches!(json, "ports" | "notPorts") {
-                v.push(format!("{base}.to[{j}].operation.{json}"));
+                v.push((format!("{base}.to[{j}].operation.{json}"), json.to_string()));
             }
         }
     }
     for (j, c) in conditions(rule) {
         if is_http_only_key(&c.key) {
-            v.push(format!("{base}.when[{j}].key"));
+            v.push((format!("{base}.when[{j}].key"), c.key.clone()));
         }
     }
     v
@@ -630,7 +696,9 @@ fn http_fields_on_tcp(cfg: &Config, out: &mut Vec<Diagnostic>) {
         let mut r = reporter(p, out);
         for (_, base, rule) in rules(p) {
             let fields = http_only_fields(&base, rule);
-            let Some(first) = fields.first() else { continue };
+            let Some((first, _)) = fields.first() else {
+                continue;
+            };
             let mut hit = Vec::new();
             for (wl, ports) in &workloads {
                 for (port, why) in ports {
@@ -642,9 +710,9 @@ fn http_fields_on_tcp(cfg: &Config, out: &mut Vec<Diagnostic>) {
             if hit.is_empty() {
                 continue;
             }
-            let names: Vec<String> = fields
+            let names: Vec<&str> = fields
                 .iter()
-                .map(|f| f.rsplit('.').next().unwrap_or(f).to_string())
+                .map(|(_, n)| n.as_str())
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
@@ -657,13 +725,13 @@ fn http_fields_on_tcp(cfg: &Config, out: &mut Vec<Diagnostic>) {
                 )
             } else {
                 let scope = if has_other_tcp_constraints(rule) {
-                    " that matches its other conditions"
+                    ", if its other conditions match"
                 } else {
                     ""
                 };
                 format!(
                     "field ignored on TCP: {} are HTTP-only and dropped for TCP, so the rule denies every \
-                     connection{scope} to {}",
+                     connection to {}{scope}",
                     names.join(", "),
                     short_list(&hit)
                 )
@@ -680,7 +748,10 @@ fn pa_mode(p: &Resource<PeerAuthenticationSpec>) -> MtlsMode {
 }
 
 fn is_ns_wide(p: &Resource<PeerAuthenticationSpec>) -> bool {
-    p.spec.selector.as_ref().is_none_or(|s| s.match_labels.is_empty())
+    p.spec
+        .selector
+        .as_ref()
+        .is_none_or(|s| s.match_labels.is_empty())
 }
 
 fn permissive_mesh(cfg: &Config, out: &mut Vec<Diagnostic>) {
@@ -693,7 +764,10 @@ fn permissive_mesh(cfg: &Config, out: &mut Vec<Diagnostic>) {
     }
     let root = cfg.mesh.root_namespace.as_str();
     let sorted = scope::sorted_peer_authentications(cfg);
-    let mesh = sorted.iter().copied().find(|p| p.namespace() == root && is_ns_wide(p));
+    let mesh = sorted
+        .iter()
+        .copied()
+        .find(|p| p.namespace() == root && is_ns_wide(p));
     let mesh_mode = mesh.map(pa_mode).unwrap_or_default();
     if mesh_mode == MtlsMode::Strict {
         return;
@@ -733,25 +807,32 @@ fn permissive_mesh(cfg: &Config, out: &mut Vec<Diagnostic>) {
     let message = format!("mTLS is not required mesh-wide: {mode_text}{extra}");
     match (mesh, strict_elsewhere.first()) {
         (Some(m), _) => {
-            let field = if m.spec.mtls.is_some() { "spec.mtls.mode" } else { "spec" };
+            let field = if m.spec.mtls.is_some() {
+                "spec.mtls.mode"
+            } else {
+                "spec"
+            };
             reporter(m, out).push(severity, "WRD0104", field, message);
         }
         (None, Some(p)) => reporter(p, out).push(severity, "WRD0104", "", message),
-        (None, None) => out.push(mesh_diagnostic(severity, "WRD0104", "", message)),
+        (None, None) => out.push(mesh_diagnostic(cfg, severity, "WRD0104", "", message)),
     }
 }
 
 // ------------------------------------------------------------------ WRD0105
 
 fn spiffe_prefix(cfg: &Config, out: &mut Vec<Diagnostic>) {
-    let bad = |v: &str| v.get(..9).is_some_and(|p| p.eq_ignore_ascii_case("spiffe://"));
+    let bad = |v: &str| {
+        v.get(..9)
+            .is_some_and(|p| p.eq_ignore_ascii_case("spiffe://"))
+    };
     for p in &cfg.authorization_policies {
         let mut r = reporter(p, out);
         let mut report = |field: String, v: &str, negative: bool| {
             let effect = if negative {
-                "so it excludes nobody"
+                "this notPrincipals entry excludes nobody"
             } else {
-                "so it matches nobody"
+                "this entry matches nobody"
             };
             let fixed = v.get(9..).unwrap_or("");
             r.push(
@@ -760,7 +841,7 @@ fn spiffe_prefix(cfg: &Config, out: &mut Vec<Diagnostic>) {
                 &field,
                 format!(
                     "Istio matches principals against \"spiffe://<value>\", so \"{v}\" could only match a peer \
-                     \"spiffe://{v}\" and never matches, {effect}; write \"{fixed}\""
+                     \"spiffe://{v}\" ({effect}); write \"{fixed}\""
                 ),
             );
         };
@@ -781,7 +862,10 @@ fn spiffe_prefix(cfg: &Config, out: &mut Vec<Diagnostic>) {
                 if c.key != "source.principal" {
                     continue;
                 }
-                for (json, values, negative) in [("values", &c.values, false), ("notValues", &c.not_values, true)] {
+                for (json, values, negative) in [
+                    ("values", &c.values, false),
+                    ("notValues", &c.not_values, true),
+                ] {
                     for (k, v) in values.iter().enumerate() {
                         if bad(v) {
                             report(format!("{base}.when[{j}].{json}[{k}]"), v, negative);
@@ -814,7 +898,10 @@ fn hosts_without_port(cfg: &Config, out: &mut Vec<Diagnostic>) {
                             continue;
                         }
                         let with_port = format!("{}:", v.to_ascii_lowercase());
-                        if values.iter().any(|x| x.to_ascii_lowercase().starts_with(&with_port)) {
+                        if values
+                            .iter()
+                            .any(|x| x.to_ascii_lowercase().starts_with(&with_port))
+                        {
                             continue;
                         }
                         let fix = if v.starts_with('*') {
@@ -829,7 +916,7 @@ fn hosts_without_port(cfg: &Config, out: &mut Vec<Diagnostic>) {
                             format!(
                                 "\"{v}\" does not match a Host header that carries a port (\"{}:8080\"): Istio \
                                  compares the whole header, port included; {fix}",
-                                v.trim_start_matches('*')
+                                v.strip_prefix('*').map_or_else(|| v.clone(), |rest| format!("x{rest}"))
                             ),
                         );
                     }
@@ -859,7 +946,11 @@ fn unmerged_slashes(cfg: &Config, out: &mut Vec<Diagnostic>) {
             for (j, o) in operations(rule) {
                 let (json, values, effect) = match p.spec.action {
                     Action::Deny => ("paths", &o.paths, "bypasses this DENY rule"),
-                    Action::Custom => ("paths", &o.paths, "is never sent to the external authorizer"),
+                    Action::Custom => (
+                        "paths",
+                        &o.paths,
+                        "is never sent to the external authorizer",
+                    ),
                     Action::Allow => ("notPaths", &o.not_paths, "is allowed by this rule"),
                     Action::Audit => continue,
                 };
@@ -930,7 +1021,9 @@ fn root_selector_peer_authentications(cfg: &Config, out: &mut Vec<Diagnostic>) {
 // ------------------------------------------------------------------ WRD0109
 
 /// The one field set in an entry, if exactly one is; `not` forms count as their own kind.
-fn single_field<'a>(fields: impl Iterator<Item = (&'static str, &'a [String])>) -> Option<&'static str> {
+fn single_field<'a>(
+    fields: impl Iterator<Item = (&'static str, &'a [String])>,
+) -> Option<&'static str> {
     let mut set = fields.filter(|(_, v)| !v.is_empty()).map(|(n, _)| n);
     let first = set.next()?;
     set.next().is_none().then_some(first)
@@ -945,9 +1038,9 @@ fn split_from_to(cfg: &Config, out: &mut Vec<Diagnostic>) {
                 .iter()
                 .flatten()
                 .map(|f| {
-                    f.as_ref()
-                        .and_then(|f| f.source.as_ref())
-                        .and_then(|s| single_field(source_fields(s).into_iter().map(|(n, _, v)| (n, v))))
+                    f.as_ref().and_then(|f| f.source.as_ref()).and_then(|s| {
+                        single_field(source_fields(s).into_iter().map(|(n, _, v)| (n, v)))
+                    })
                 })
                 .collect();
             let tos: Vec<Option<&'static str>> = rule
@@ -955,9 +1048,9 @@ fn split_from_to(cfg: &Config, out: &mut Vec<Diagnostic>) {
                 .iter()
                 .flatten()
                 .map(|t| {
-                    t.as_ref()
-                        .and_then(|t| t.operation.as_ref())
-                        .and_then(|o| single_field(operation_fields(o).into_iter().map(|(n, _, v)| (n, v))))
+                    t.as_ref().and_then(|t| t.operation.as_ref()).and_then(|o| {
+                        single_field(operation_fields(o).into_iter().map(|(n, _, v)| (n, v)))
+                    })
                 })
                 .collect();
             for (side, inner, entries) in [("from", "source", froms), ("to", "operation", tos)] {
@@ -991,7 +1084,8 @@ fn split_from_to(cfg: &Config, out: &mut Vec<Diagnostic>) {
 // ------------------------------------------------------------------ WRD0111
 
 fn target_ref_policies(cfg: &Config, out: &mut Vec<Diagnostic>) {
-    let message = "this policy has targetRefs, so it applies only to the gateways and waypoints it \
+    let message =
+        "this policy has targetRefs, so it applies only to the gateways and waypoints it \
                    names: sidecar workloads ignore it (use a selector to reach sidecars)";
     let field = |single: &Option<PolicyTargetReference>| {
         if single.is_some() {
@@ -1002,12 +1096,632 @@ fn target_ref_policies(cfg: &Config, out: &mut Vec<Diagnostic>) {
     };
     for p in &cfg.authorization_policies {
         if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
-            reporter(p, out).push(Severity::Info, "WRD0111", field(&p.spec.target_ref), message.into());
+            reporter(p, out).push(
+                Severity::Info,
+                "WRD0111",
+                field(&p.spec.target_ref),
+                message.into(),
+            );
         }
     }
     for p in &cfg.request_authentications {
         if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
-            reporter(p, out).push(Severity::Info, "WRD0111", field(&p.spec.target_ref), message.into());
+            reporter(p, out).push(
+                Severity::Info,
+                "WRD0111",
+                field(&p.spec.target_ref),
+                message.into(),
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Loader;
+
+    /// Namespace `foo` (injected) with an HTTP workload `web` (port 8080) and a TCP workload
+    /// `db` (port 5432), each behind a Service.
+    const BASE: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: foo
+  labels: {istio-injection: enabled}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: foo}
+spec:
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: c
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: foo}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db, namespace: foo}
+spec:
+  template:
+    metadata:
+      labels: {app: db}
+    spec:
+      containers:
+      - name: c
+        ports:
+        - containerPort: 5432
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: foo}
+spec:
+  selector: {app: db}
+  ports:
+  - {name: tcp-db, port: 5432}
+";
+
+    const MESH_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+";
+
+    fn ap(name: &str, ns: &str, spec: &str) -> String {
+        let body: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}"
+        )
+    }
+
+    fn kind(kind: &str, name: &str, ns: &str, spec: &str) -> String {
+        ap(name, ns, spec).replace("kind: AuthorizationPolicy", &format!("kind: {kind}"))
+    }
+
+    fn run_with_mesh(docs: &[&str], mesh: Option<&str>) -> Vec<Diagnostic> {
+        let mut l = Loader::new();
+        l.add_text("t.yaml", &docs.join("---\n"));
+        if let Some(m) = mesh {
+            l.set_mesh_text("mesh.yaml", m);
+        }
+        let (cfg, diags) = l.finish();
+        assert!(diags.is_empty(), "load diagnostics: {diags:?}");
+        analyze(&cfg)
+    }
+
+    fn run(docs: &[&str]) -> Vec<Diagnostic> {
+        run_with_mesh(docs, None)
+    }
+
+    fn with_code<'a>(d: &'a [Diagnostic], code: &str) -> Vec<&'a Diagnostic> {
+        d.iter().filter(|x| x.code == code).collect()
+    }
+
+    fn expect_one<'a>(d: &'a [Diagnostic], code: &str) -> &'a Diagnostic {
+        let found = with_code(d, code);
+        assert_eq!(found.len(), 1, "expected one {code}, got {d:#?}");
+        found[0]
+    }
+
+    fn expect_none(d: &[Diagnostic], code: &str) {
+        let found = with_code(d, code);
+        assert!(found.is_empty(), "expected no {code}, got {found:#?}");
+    }
+
+    #[test]
+    fn ist0101_referenced_namespace() {
+        let spec = |ns: &str| format!("rules:\n- from:\n  - source: {{namespaces: [{ns}]}}");
+        let d = run(&[BASE, MESH_STRICT, &ap("p", "foo", &spec("bar"))]);
+        let f = expect_one(&d, "IST0101");
+        assert_eq!(f.severity, Severity::Error);
+        assert_eq!(
+            f.field.as_deref(),
+            Some("spec.rules[0].from[0].source.namespaces[0]")
+        );
+        assert_eq!(f.message, "Referenced namespace not found: \"bar\"");
+        for ok in ["FOO", "\"fo*\"", "\"*oo\"", "\"*\"", "istio-system"] {
+            expect_none(
+                &run(&[BASE, MESH_STRICT, &ap("p", "foo", &spec(ok))]),
+                "IST0101",
+            );
+        }
+        // No Namespace objects: nothing is known about which namespaces exist.
+        expect_none(&run(&[&ap("p", "foo", &spec("bar"))]), "IST0101");
+        let not = "rules:\n- from:\n  - source: {notNamespaces: [\"x*\"]}";
+        let d = run(&[BASE, &ap("p", "foo", not)]);
+        assert_eq!(
+            expect_one(&d, "IST0101").field.as_deref(),
+            Some("spec.rules[0].from[0].source.notNamespaces[0]")
+        );
+    }
+
+    #[test]
+    fn ist0127_no_matching_workloads() {
+        let sel = |app: &str| format!("selector:\n  matchLabels: {{app: {app}}}\nrules: [{{}}]");
+        let d = run(&[BASE, MESH_STRICT, &ap("p", "foo", &sel("nope"))]);
+        let f = expect_one(&d, "IST0127");
+        assert_eq!(f.severity, Severity::Warning);
+        assert!(f.message.contains("app=nope"), "{f}");
+        expect_none(
+            &run(&[BASE, MESH_STRICT, &ap("p", "foo", &sel("web"))]),
+            "IST0127",
+        );
+        // Root-namespace selector policies match workloads anywhere.
+        expect_none(
+            &run(&[BASE, MESH_STRICT, &ap("p", "istio-system", &sel("web"))]),
+            "IST0127",
+        );
+        expect_one(
+            &run(&[BASE, MESH_STRICT, &ap("p", "istio-system", &sel("nope"))]),
+            "IST0127",
+        );
+        // Namespace-wide policy in a namespace without workloads.
+        let d = run(&[BASE, MESH_STRICT, &ap("p", "empty", "rules: [{}]")]);
+        assert!(expect_one(&d, "IST0127")
+            .message
+            .contains("namespace empty has no workloads"));
+        // RequestAuthentication and PeerAuthentication are Warden's extension.
+        let ra = kind(
+            "RequestAuthentication",
+            "r",
+            "foo",
+            "selector:\n  matchLabels: {app: nope}",
+        );
+        let d = run(&[BASE, MESH_STRICT, &ra]);
+        assert!(expect_one(&d, "IST0127")
+            .message
+            .contains("Warden extension"));
+        let pa = kind(
+            "PeerAuthentication",
+            "pa",
+            "foo",
+            "selector:\n  matchLabels: {app: nope}\nmtls: {mode: STRICT}",
+        );
+        expect_one(&run(&[BASE, MESH_STRICT, &pa]), "IST0127");
+        let pa_ok = kind(
+            "PeerAuthentication",
+            "pa",
+            "foo",
+            "selector:\n  matchLabels: {app: db}\nmtls: {mode: STRICT}",
+        );
+        expect_none(&run(&[BASE, MESH_STRICT, &pa_ok]), "IST0127");
+        // Policy-only input: nothing is known about workloads.
+        expect_none(&run(&[&ap("p", "foo", &sel("nope"))]), "IST0127");
+    }
+
+    const BAR_PLAIN: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: bar}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: legacy, namespace: bar}
+spec:
+  template:
+    metadata:
+      labels: {app: legacy}
+    spec:
+      containers: [{name: c}]
+";
+
+    #[test]
+    fn ist0102_and_ist0103_missing_sidecar() {
+        let policy = ap(
+            "p",
+            "bar",
+            "selector:\n  matchLabels: {app: legacy}\nrules: [{}]",
+        );
+        let d = run(&[BASE, MESH_STRICT, BAR_PLAIN, &policy]);
+        let ns = expect_one(&d, "IST0102");
+        assert_eq!(ns.severity, Severity::Info);
+        assert_eq!(ns.resource.as_deref(), Some("Namespace bar"));
+        let pod = expect_one(&d, "IST0103");
+        assert_eq!(pod.severity, Severity::Warning);
+        assert_eq!(pod.resource.as_deref(), Some("Deployment bar/legacy"));
+        assert!(pod.message.contains("AuthorizationPolicy bar/p"), "{pod}");
+        // Without policies aimed at it, a plain namespace is not worth a message.
+        let d = run(&[BASE, MESH_STRICT, BAR_PLAIN]);
+        expect_none(&d, "IST0102");
+        expect_none(&d, "IST0103");
+        // Injected namespaces and explicitly opted-out ones are fine.
+        let d = run(&[BASE, MESH_STRICT, &ap("p", "foo", "rules: [{}]")]);
+        expect_none(&d, "IST0102");
+        expect_none(&d, "IST0103");
+        let opted_out = BAR_PLAIN.replace(
+            "metadata: {name: bar}",
+            "metadata: {name: bar, labels: {istio-injection: disabled}}",
+        );
+        let d = run(&[BASE, MESH_STRICT, &opted_out, &policy]);
+        expect_none(&d, "IST0102");
+        expect_one(&d, "IST0103");
+    }
+
+    #[test]
+    fn wrd0101_token_not_required() {
+        let ra = kind(
+            "RequestAuthentication",
+            "r",
+            "foo",
+            "selector:\n  matchLabels: {app: web}\njwtRules:\n- issuer: https://issuer",
+        );
+        let d = run(&[BASE, MESH_STRICT, &ra]);
+        let f = expect_one(&d, "WRD0101");
+        assert_eq!(f.field.as_deref(), Some("spec.jwtRules"));
+        assert!(f.message.contains("foo/web"), "{f}");
+        let require = ap(
+            "p",
+            "foo",
+            "selector:\n  matchLabels: {app: web}\nrules:\n- from:\n  - source: {requestPrincipals: [\"*\"]}",
+        );
+        expect_none(&run(&[BASE, MESH_STRICT, &ra, &require]), "WRD0101");
+        let by_claim = ap(
+            "p",
+            "foo",
+            "rules:\n- when:\n  - {key: \"request.auth.claims[iss]\", values: [\"https://issuer\"]}",
+        );
+        expect_none(&run(&[BASE, MESH_STRICT, &ra, &by_claim]), "WRD0101");
+        // A dry-run policy enforces nothing.
+        let dry = require.replace(
+            "namespace: foo}",
+            "namespace: foo, annotations: {istio.io/dry-run: \"true\"}}",
+        );
+        expect_one(&run(&[BASE, MESH_STRICT, &ra, &dry]), "WRD0101");
+    }
+
+    #[test]
+    fn wrd0102_identity_with_plaintext() {
+        let allow = ap(
+            "p",
+            "foo",
+            "selector:\n  matchLabels: {app: web}\nrules:\n- from:\n  - source: {principals: [\"cluster.local/ns/a/sa/b\"]}",
+        );
+        let d = run(&[BASE, &allow]);
+        let f = expect_one(&d, "WRD0102");
+        assert_eq!(
+            f.field.as_deref(),
+            Some("spec.rules[0].from[0].source.principals")
+        );
+        assert!(f.message.contains("foo/web port 8080 (PERMISSIVE"), "{f}");
+        expect_none(&run(&[BASE, MESH_STRICT, &allow]), "WRD0102");
+        let deny = ap(
+            "p",
+            "foo",
+            "action: DENY\nselector:\n  matchLabels: {app: web}\nrules:\n- when:\n  - {key: source.namespace, values: [evil]}",
+        );
+        let d = run(&[BASE, &deny]);
+        let f = expect_one(&d, "WRD0102");
+        assert_eq!(f.field.as_deref(), Some("spec.rules[0].when[0].key"));
+        assert!(f.message.contains("bypasses"), "{f}");
+        // A port-level DISABLE under a STRICT mesh still leaves that port open.
+        let port_pa = kind(
+            "PeerAuthentication",
+            "pa",
+            "foo",
+            "selector:\n  matchLabels: {app: web}\nportLevelMtls:\n  8080: {mode: DISABLE}",
+        );
+        let d = run(&[BASE, MESH_STRICT, &port_pa, &allow]);
+        assert!(expect_one(&d, "WRD0102").message.contains("DISABLE"));
+        // Negative identity fields and IP-based rules are not affected.
+        let not = ap(
+            "p",
+            "foo",
+            "rules:\n- from:\n  - source: {notPrincipals: [a], ipBlocks: [10.0.0.0/8]}",
+        );
+        expect_none(&run(&[BASE, &not]), "WRD0102");
+    }
+
+    #[test]
+    fn wrd0103_http_fields_on_tcp() {
+        let allow = ap(
+            "p",
+            "foo",
+            "selector:\n  matchLabels: {app: db}\nrules:\n- to:\n  - operation: {methods: [GET]}",
+        );
+        let d = run(&[BASE, MESH_STRICT, &allow]);
+        let f = expect_one(&d, "WRD0103");
+        assert_eq!(
+            f.field.as_deref(),
+            Some("spec.rules[0].to[0].operation.methods")
+        );
+        assert!(f.message.starts_with("rule dropped for TCP"), "{f}");
+        assert!(f.message.contains("port 5432 of foo/db"), "{f}");
+        let deny = ap(
+            "p",
+            "foo",
+            "action: DENY\nrules:\n- to:\n  - operation: {paths: [/admin]}",
+        );
+        let d = run(&[BASE, MESH_STRICT, &deny]);
+        let f = expect_one(&d, "WRD0103");
+        assert!(f.message.starts_with("field ignored on TCP"), "{f}");
+        assert!(
+            f.message.contains("denies every connection to port 5432"),
+            "{f}"
+        );
+        // HTTP ports are fine, and a port constraint that excludes the TCP port is fine.
+        let web = allow.replace("app: db", "app: web");
+        expect_none(&run(&[BASE, MESH_STRICT, &web]), "WRD0103");
+        let scoped = ap(
+            "p",
+            "foo",
+            "action: DENY\nrules:\n- to:\n  - operation: {paths: [/admin], ports: [\"8080\"]}",
+        );
+        expect_none(&run(&[BASE, MESH_STRICT, &scoped]), "WRD0103");
+        let header = ap(
+            "p",
+            "foo",
+            "action: DENY\nrules:\n- from:\n  - source: {namespaces: [x]}\n  when:\n  - {key: \"request.headers[x-a]\", values: [b]}",
+        );
+        let d = run(&[BASE, MESH_STRICT, &header]);
+        let f = expect_one(&d, "WRD0103");
+        assert_eq!(f.field.as_deref(), Some("spec.rules[0].when[0].key"));
+        assert!(
+            f.message.contains("request.headers[x-a] are HTTP-only"),
+            "{f}"
+        );
+        assert!(
+            f.message.contains("foo/db (Service port name \"tcp-db\" of Service foo/db), if its other conditions match"),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn wrd0104_permissive_mesh() {
+        let d = run(&[BASE]);
+        let f = expect_one(&d, "WRD0104");
+        assert_eq!(f.severity, Severity::Info);
+        assert_eq!(f.file, "meshConfig");
+        let ns_strict = kind(
+            "PeerAuthentication",
+            "strict",
+            "foo",
+            "mtls: {mode: STRICT}",
+        );
+        let d = run(&[BASE, &ns_strict]);
+        let f = expect_one(&d, "WRD0104");
+        assert_eq!(f.severity, Severity::Warning);
+        assert!(f.message.contains("PeerAuthentication foo/strict"), "{f}");
+        let mesh_permissive = MESH_STRICT.replace("STRICT", "PERMISSIVE");
+        let d = run(&[BASE, &mesh_permissive]);
+        let f = expect_one(&d, "WRD0104");
+        assert_eq!(
+            f.resource.as_deref(),
+            Some("PeerAuthentication istio-system/default")
+        );
+        assert_eq!(f.field.as_deref(), Some("spec.mtls.mode"));
+        expect_none(&run(&[BASE, MESH_STRICT]), "WRD0104");
+        expect_none(&run(&[]), "WRD0104");
+    }
+
+    #[test]
+    fn wrd0105_spiffe_prefix() {
+        let p = ap(
+            "p",
+            "foo",
+            "rules:\n- from:\n  - source: {principals: [\"spiffe://cluster.local/ns/a/sa/b\", \"cluster.local/ns/a/sa/c\"]}\n  when:\n  - {key: source.principal, notValues: [\"SPIFFE://x/ns/a/sa/b\"]}",
+        );
+        let d = run(&[MESH_STRICT, &p]);
+        let found = with_code(&d, "WRD0105");
+        assert_eq!(found.len(), 2, "{d:#?}");
+        assert_eq!(
+            found[0].field.as_deref(),
+            Some("spec.rules[0].from[0].source.principals[0]")
+        );
+        assert!(
+            found[0]
+                .message
+                .contains("write \"cluster.local/ns/a/sa/b\""),
+            "{}",
+            found[0]
+        );
+        assert_eq!(
+            found[1].field.as_deref(),
+            Some("spec.rules[0].when[0].notValues[0]")
+        );
+        assert!(found[1]
+            .message
+            .contains("notPrincipals entry excludes nobody"));
+        let ok = ap(
+            "p",
+            "foo",
+            "rules:\n- from:\n  - source: {principals: [\"cluster.local/ns/a/sa/b\"]}",
+        );
+        expect_none(&run(&[MESH_STRICT, &ok]), "WRD0105");
+    }
+
+    #[test]
+    fn wrd0106_hosts_without_port() {
+        let p = ap(
+            "p",
+            "foo",
+            "action: DENY\nrules:\n- to:\n  - operation: {hosts: [example.com, \"*.example.org\", \"a.com\", \"a.com:*\", \"b.com:8080\", \"c.*\", \"[::1]\"]}",
+        );
+        let d = run(&[MESH_STRICT, &p]);
+        let found = with_code(&d, "WRD0106");
+        let fields: Vec<&str> = found.iter().filter_map(|f| f.field.as_deref()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.rules[0].to[0].operation.hosts[0]",
+                "spec.rules[0].to[0].operation.hosts[1]",
+                "spec.rules[0].to[0].operation.hosts[6]",
+            ],
+            "{d:#?}"
+        );
+        assert!(found[0].message.contains("also list \"example.com:*\""));
+        assert!(found[1].message.contains("\"*.example.org:443\""));
+        assert!(
+            found[1].message.contains("(\"x.example.org:8080\")"),
+            "{}",
+            found[1]
+        );
+        let ok = ap(
+            "p",
+            "foo",
+            "rules:\n- to:\n  - operation: {notHosts: [example.com, \"EXAMPLE.com:*\"]}",
+        );
+        expect_none(&run(&[MESH_STRICT, &ok]), "WRD0106");
+    }
+
+    #[test]
+    fn wrd0107_unmerged_slashes() {
+        let deny = ap(
+            "p",
+            "foo",
+            "action: DENY\nrules:\n- to:\n  - operation: {paths: [/admin, \"*.php\"]}",
+        );
+        let d = run(&[MESH_STRICT, &deny]);
+        let f = expect_one(&d, "WRD0107");
+        assert_eq!(
+            f.field.as_deref(),
+            Some("spec.rules[0].to[0].operation.paths")
+        );
+        assert!(f.message.contains("\"//admin\""), "{f}");
+        let allow = ap(
+            "p",
+            "foo",
+            "rules:\n- to:\n  - operation: {notPaths: [\"/admin*\"]}",
+        );
+        let d = run_with_mesh(
+            &[MESH_STRICT, &allow],
+            Some("pathNormalization: {normalization: NONE}"),
+        );
+        assert!(expect_one(&d, "WRD0107").message.contains("NONE"));
+        let merged = Some("pathNormalization: {normalization: MERGE_SLASHES}");
+        expect_none(&run_with_mesh(&[MESH_STRICT, &deny], merged), "WRD0107");
+        // ALLOW on paths fails closed, suffix patterns cannot be bypassed this way.
+        let allow_paths = ap(
+            "p",
+            "foo",
+            "rules:\n- to:\n  - operation: {paths: [/admin]}",
+        );
+        expect_none(&run(&[MESH_STRICT, &allow_paths]), "WRD0107");
+        let suffix = ap(
+            "p",
+            "foo",
+            "action: DENY\nrules:\n- to:\n  - operation: {paths: [\"*.php\"]}",
+        );
+        expect_none(&run(&[MESH_STRICT, &suffix]), "WRD0107");
+    }
+
+    #[test]
+    fn wrd0108_ignored_namespace_peer_authentication() {
+        let a = kind("PeerAuthentication", "a", "foo", "mtls: {mode: STRICT}");
+        let b = kind("PeerAuthentication", "b", "foo", "mtls: {mode: DISABLE}");
+        let d = run(&[MESH_STRICT, &b, &a]);
+        let f = expect_one(&d, "WRD0108");
+        assert_eq!(f.resource.as_deref(), Some("PeerAuthentication foo/b"));
+        assert!(
+            f.message
+                .contains("PeerAuthentication foo/a (mode STRICT) is in force"),
+            "{f}"
+        );
+        expect_none(&run(&[MESH_STRICT, &a]), "WRD0108");
+    }
+
+    #[test]
+    fn wrd0109_split_from_to() {
+        let split = ap(
+            "p",
+            "foo",
+            "rules:\n- from:\n  - source: {principals: [a]}\n  - source: {namespaces: [b]}",
+        );
+        let d = run(&[MESH_STRICT, &split]);
+        let f = expect_one(&d, "WRD0109");
+        assert_eq!(f.field.as_deref(), Some("spec.rules[0].from"));
+        assert!(
+            f.message
+                .contains("from[0] only principals, from[1] only namespaces"),
+            "{f}"
+        );
+        let to_split = ap(
+            "p",
+            "foo",
+            "rules:\n- to:\n  - operation: {methods: [GET]}\n  - operation: {paths: [/a]}",
+        );
+        assert_eq!(
+            expect_one(&run(&[MESH_STRICT, &to_split]), "WRD0109")
+                .field
+                .as_deref(),
+            Some("spec.rules[0].to")
+        );
+        for ok in [
+            "rules:\n- from:\n  - source: {principals: [a], namespaces: [b]}",
+            "rules:\n- from:\n  - source: {principals: [a]}\n  - source: {principals: [b]}",
+            "rules:\n- from:\n  - source: {principals: [a]}\n  - source: {namespaces: [b], ipBlocks: [1.2.3.4]}",
+        ] {
+            expect_none(&run(&[MESH_STRICT, &ap("p", "foo", ok)]), "WRD0109");
+        }
+    }
+
+    #[test]
+    fn wrd0110_root_selector_peer_authentication() {
+        let root = kind(
+            "PeerAuthentication",
+            "pa",
+            "istio-system",
+            "selector:\n  matchLabels: {app: web}\nmtls: {mode: STRICT}",
+        );
+        let d = run(&[MESH_STRICT, &root]);
+        assert_eq!(
+            expect_one(&d, "WRD0110").field.as_deref(),
+            Some("spec.selector")
+        );
+        let in_ns = root.replace("namespace: istio-system", "namespace: foo");
+        expect_none(&run(&[MESH_STRICT, &in_ns]), "WRD0110");
+    }
+
+    #[test]
+    fn wrd0111_target_refs() {
+        let p = ap("p", "foo", "targetRefs:\n- {kind: Gateway, group: gateway.networking.k8s.io, name: gw}\nrules: [{}]");
+        let d = run(&[MESH_STRICT, &p]);
+        let f = expect_one(&d, "WRD0111");
+        assert_eq!(f.severity, Severity::Info);
+        assert_eq!(f.field.as_deref(), Some("spec.targetRefs"));
+        let ra = kind(
+            "RequestAuthentication",
+            "r",
+            "foo",
+            "targetRef: {kind: Service, name: s}",
+        );
+        assert_eq!(
+            expect_one(&run(&[MESH_STRICT, &ra]), "WRD0111")
+                .field
+                .as_deref(),
+            Some("spec.targetRef")
+        );
+        expect_none(
+            &run(&[MESH_STRICT, &ap("p", "foo", "rules: [{}]")]),
+            "WRD0111",
+        );
+    }
+
+    #[test]
+    fn includes_validation_and_is_sorted() {
+        let bad = ap("p", "foo", "action: DENY");
+        let split = ap(
+            "q",
+            "foo",
+            "rules:\n- from:\n  - source: {principals: [a]}\n  - source: {namespaces: [b]}",
+        );
+        let d = run(&[BASE, &split, &bad]);
+        expect_one(&d, "IST0106");
+        expect_one(&d, "WRD0109");
+        let keys: Vec<(&str, usize)> = d.iter().map(|x| (x.file.as_str(), x.line)).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert!(d.iter().all(|x| !x.file.is_empty()));
     }
 }

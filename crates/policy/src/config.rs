@@ -84,6 +84,8 @@ impl Namespace {
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub mesh: MeshConfig,
+    /// `(file, line)` the mesh config was read from (`--mesh` file or the `istio` ConfigMap).
+    pub mesh_origin: Option<(String, usize)>,
     pub namespaces: BTreeMap<String, Namespace>,
     pub service_accounts: Vec<Resource<()>>,
     pub workloads: Vec<Workload>,
@@ -114,7 +116,7 @@ const SECURITY_KINDS: [&str; 3] = [
 #[derive(Default)]
 pub struct Loader {
     docs: Vec<Arc<Document>>,
-    mesh_override: Option<MeshConfig>,
+    mesh_override: Option<(MeshConfig, String)>,
     diags: Vec<Diagnostic>,
 }
 
@@ -162,7 +164,7 @@ impl Loader {
             Ok(docs) => {
                 let v = docs.into_iter().next().map(|d| d.value).unwrap_or_default();
                 match MeshConfig::from_value(v) {
-                    Ok(m) => self.mesh_override = Some(m),
+                    Ok(m) => self.mesh_override = Some((m, file.to_string())),
                     Err(e) => self.diags.push(diag(file, 1, None, &e.field, e.message)),
                 }
             }
@@ -178,7 +180,7 @@ impl Loader {
         } = self;
         let mut cfg = Config::default();
         let mut seen: HashMap<(String, String, String), String> = HashMap::new();
-        let mut mesh_from_map: Option<MeshConfig> = None;
+        let mut mesh_from_map: Option<(MeshConfig, String, usize)> = None;
         let mut pending: Vec<(Arc<Document>, &'static str, ObjectMeta, PodTemplate)> = Vec::new();
         let mut entries: Vec<Resource<WorkloadEntrySpec>> = Vec::new();
 
@@ -336,7 +338,13 @@ impl Loader {
                                     .map(|d| d.value)
                                     .unwrap_or_default();
                                 match MeshConfig::from_value(v) {
-                                    Ok(m) => mesh_from_map = Some(m),
+                                    Ok(m) => {
+                                        mesh_from_map = Some((
+                                            m,
+                                            doc.file.to_string(),
+                                            doc.line_of("data.mesh"),
+                                        ))
+                                    }
                                     Err(e) => diags.push(diag(
                                         &doc.file,
                                         doc.line_of("data.mesh"),
@@ -409,7 +417,17 @@ impl Loader {
             }
         }
 
-        cfg.mesh = mesh_override.or(mesh_from_map).unwrap_or_default();
+        match (mesh_override, mesh_from_map) {
+            (Some((m, file)), _) => {
+                cfg.mesh = m;
+                cfg.mesh_origin = Some((file, 1));
+            }
+            (None, Some((m, file, line))) => {
+                cfg.mesh = m;
+                cfg.mesh_origin = Some((file, line));
+            }
+            (None, None) => {}
+        }
 
         for (doc, kind, meta, tmpl) in pending {
             let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());

@@ -15,11 +15,10 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use crate::authz::is_dry_run;
 use crate::config::{Config, Resource};
 use crate::diag::{Diagnostic, Reporter, Severity};
 use crate::jwt::Jwks;
-use crate::mesh::{ExtAuthzKind, MeshConfig};
+use crate::mesh::ExtAuthzKind;
 use crate::model::*;
 use crate::path::validate_path_value;
 
@@ -48,7 +47,7 @@ pub fn validate(cfg: &Config) -> Vec<Diagnostic> {
         dry_run_annotation(&mut r, &p.meta, None);
         peer_authentication(&mut r, &p.spec);
     }
-    extension_providers(&cfg.mesh, &mut out);
+    extension_providers(cfg, &mut out);
     out
 }
 
@@ -62,6 +61,7 @@ fn reporter<'a, T>(r: &'a Resource<T>, out: &'a mut Vec<Diagnostic>) -> Reporter
 
 /// A finding about the mesh configuration (no resource document to point into).
 pub fn mesh_diagnostic(
+    cfg: &Config,
     severity: Severity,
     code: &'static str,
     field: &str,
@@ -70,8 +70,11 @@ pub fn mesh_diagnostic(
     Diagnostic {
         severity,
         code,
-        file: MESH_FILE.to_string(),
-        line: 0,
+        file: cfg
+            .mesh_origin
+            .as_ref()
+            .map_or(MESH_FILE.to_string(), |(f, _)| f.clone()),
+        line: cfg.mesh_origin.as_ref().map_or(0, |(_, l)| *l),
         resource: Some("MeshConfig".to_string()),
         field: (!field.is_empty()).then(|| field.to_string()),
         message,
@@ -168,20 +171,20 @@ fn dry_run_annotation(r: &mut Reporter<'_>, meta: &ObjectMeta, action: Option<Ac
     );
     // Istio's webhook refuses both cases below, but a policy that got in anyway is enforced,
     // which is what a user relying on dry-run must hear about.
-    if parse_go_bool(value).is_none() {
-        r.warning(
-            DRY_RUN_FIELD,
-            format!(
-                "annotation {DRY_RUN} with invalid value ({value}): not a boolean, \
-                 so the policy is enforced, not dry-run"
-            ),
-        );
-    } else if is_dry_run(meta) && !matches!(action, Action::Allow | Action::Deny) {
+    if !matches!(action, Action::Allow | Action::Deny) {
         r.warning(
             DRY_RUN_FIELD,
             format!(
                 "the annotation {DRY_RUN} currently only supports action ALLOW/DENY, found action {}",
                 action.as_str()
+            ),
+        );
+    } else if parse_go_bool(value).is_none() {
+        r.warning(
+            DRY_RUN_FIELD,
+            format!(
+                "annotation {DRY_RUN} with invalid value ({value}): not a boolean, \
+                 so the policy is enforced, not dry-run"
             ),
         );
     }
@@ -968,7 +971,7 @@ fn jwks_uri_problem(uri: &str) -> Result<(), String> {
     if scheme != "http" && scheme != "https" {
         return Err(format!("URI scheme \"{scheme}\" is not supported"));
     }
-    let rest = &uri[scheme.len() + 1..];
+    let rest = uri.get(scheme.len() + 1..).unwrap_or("");
     let Some(rest) = rest.strip_prefix("//") else {
         return Ok(());
     };
@@ -1122,13 +1125,15 @@ fn service_problem(service: &str) -> Option<String> {
     }
 }
 
-fn extension_providers(mesh: &MeshConfig, out: &mut Vec<Diagnostic>) {
+fn extension_providers(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let mesh = &cfg.mesh;
     let mut seen: Vec<&str> = Vec::new();
     for (i, p) in mesh.extension_providers.iter().enumerate() {
         let base = format!("extensionProviders[{i}]");
         let prefix = format!("invalid extension provider {}:", p.name);
         let mut err = |field: &str, msg: String| {
             out.push(mesh_diagnostic(
+                cfg,
                 Severity::Error,
                 "IST0106",
                 field,
@@ -1210,6 +1215,7 @@ fn extension_providers(mesh: &MeshConfig, out: &mut Vec<Diagnostic>) {
         for (json, list) in lists {
             if let Some(k) = list.iter().position(|h| h == "*") {
                 out.push(mesh_diagnostic(
+                cfg,
                     Severity::Warning,
                     "IST0133",
                     &format!("{kbase}.{json}[{k}]"),
@@ -1223,6 +1229,7 @@ fn extension_providers(mesh: &MeshConfig, out: &mut Vec<Diagnostic>) {
         }
         if !p.name.is_empty() && !is_dns1123_label(&p.name) {
             out.push(mesh_diagnostic(
+                cfg,
                 Severity::Warning,
                 "IST0133",
                 &format!("{base}.name"),
@@ -2102,7 +2109,7 @@ mod tests {
         );
         assert_case(
             "audit dry-run",
-            &with("AuthorizationPolicy", "true", "action: AUDIT"),
+            &with("AuthorizationPolicy", "false", "action: AUDIT"),
             "IST0133",
             DRY_RUN_FIELD,
             "only supports action ALLOW/DENY, found action AUDIT",

@@ -122,6 +122,8 @@ pub enum ExtAuthzAnswer {
 #[derive(Debug, Clone, Serialize)]
 pub struct CustomCall {
     pub provider: String,
+    /// How the provider is reached: kind, service:port, timeout, failOpen, statusOnError.
+    pub settings: String,
     pub rule: RuleMatch,
     pub answer: ExtAuthzAnswer,
 }
@@ -299,6 +301,22 @@ impl WorkloadPolicy {
                 .unwrap_or(403);
             d.custom = Some(CustomCall {
                 provider: provider.clone(),
+                settings: settings
+                    .map(|(k, s)| {
+                        format!(
+                            "{} {}:{}, timeout {}, failOpen {}, statusOnError {}",
+                            match k {
+                                ExtAuthzKind::EnvoyExtAuthzHttp => "envoyExtAuthzHttp",
+                                ExtAuthzKind::EnvoyExtAuthzGrpc => "envoyExtAuthzGrpc",
+                            },
+                            s.service,
+                            s.port,
+                            s.timeout.as_deref().unwrap_or("600s"),
+                            s.fail_open,
+                            status_on_error
+                        )
+                    })
+                    .unwrap_or_default(),
                 rule: rule.clone(),
                 answer,
             });

@@ -66,6 +66,7 @@ pub struct RequestOut {
 #[derive(Serialize)]
 pub struct CustomOut {
     pub provider: String,
+    pub settings: String,
     pub answer: String,
     pub policy: PolicyRef,
 }
@@ -160,6 +161,7 @@ pub fn to_json(sc: &Scenario, v: &Verdict) -> CheckOut {
             .unwrap_or_default(),
         custom: d.and_then(|d| d.custom.as_ref()).map(|c| CustomOut {
             provider: c.provider.clone(),
+            settings: c.settings.clone(),
             answer: step_name(&c.answer),
             policy: PolicyRef::from(&c.rule),
         }),
@@ -253,8 +255,8 @@ pub fn to_text(sc: &Scenario, v: &Verdict) -> String {
         line(
             "custom:",
             format!(
-                "provider \"{}\" consulted ({}), answered {}",
-                c.provider, c.policy.envoy_id, c.answer
+                "provider \"{}\" ({}) consulted for {}, answered {}",
+                c.provider, c.settings, c.policy.envoy_id, c.answer
             ),
         );
     }

@@ -403,3 +403,48 @@ fn stdin_and_lists_are_read() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["identity"], "spiffe://cluster.local/ns/foo/sa/httpbin");
 }
+
+#[test]
+fn custom_provider_is_explained_and_needs_an_answer() {
+    let f = fixture("custom.yaml");
+    let base = [
+        "check",
+        "-f",
+        f.as_str(),
+        "--from",
+        "foo/sleep",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "8000",
+        "--path",
+        "/secure/x",
+    ];
+    let o = warden(&base);
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr
+            .contains("CUSTOM provider \"ext-authz\" would be consulted"),
+        "{}",
+        o.stderr
+    );
+    let mut a = base.to_vec();
+    a.extend(["--ext-authz", "error", "-o", "json"]);
+    let o = warden(&a);
+    assert_eq!(o.code, 1);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["http_status"], 503);
+    assert_eq!(v["step"], "custom");
+    assert_eq!(
+        v["custom"]["settings"],
+        "envoyExtAuthzHttp ext-authz.foo.svc.cluster.local:8000, timeout 600s, failOpen false, statusOnError 503"
+    );
+}
+
+#[test]
+fn test_command_reports_failures_readably() {
+    let o = warden(&["test", &fixture("custom.test.yaml")]);
+    assert_eq!(o.code, 1);
+    assert!(o.stdout.ends_with("4 passed, 2 failed\n"), "{}", o.stdout);
+    golden("test-custom.txt", &o.stdout);
+}

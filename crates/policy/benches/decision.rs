@@ -41,13 +41,14 @@ fn policies(n: usize, with_jwt: bool) -> String {
         ));
         for r in 0..per {
             let i = p * per + r;
+            // With a JWT, the rule needs both the caller identity and a token.
             let jwt = if with_jwt {
-                "\n      - source: {requestPrincipals: [\"testing@secure.istio.io/*\"]}"
+                ", requestPrincipals: [\"testing@secure.istio.io/*\"]"
             } else {
                 ""
             };
             s.push_str(&format!(
-                "  - from:\n    - source: {{principals: [\"cluster.local/ns/client-{i}/sa/caller\"]}}{jwt}\n    to:\n    - operation: {{methods: [GET, POST], paths: [\"/api/v1/items/{i}/*\"]}}\n"
+                "  - from:\n    - source: {{principals: [\"cluster.local/ns/client-{i}/sa/caller\"]{jwt}}}\n    to:\n    - operation: {{methods: [GET, POST], paths: [\"/api/v1/items/{i}/*\"]}}\n"
             ));
         }
     }

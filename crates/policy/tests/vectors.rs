@@ -83,7 +83,11 @@ fn run(cfg: &Config, r: &Req<'_>) -> (String, String) {
         }),
         ..Default::default()
     };
-    let proto = if r.http.is_some() { Protocol::Http } else { Protocol::Tcp };
+    let proto = if r.http.is_some() {
+        Protocol::Http
+    } else {
+        Protocol::Tcp
+    };
     let d = p.evaluate(&req, proto, NOW, &mut |_, _| None).unwrap();
     (d.outcome.as_str().to_string(), d.body)
 }
@@ -112,23 +116,41 @@ fn v02_query_is_ignored_by_paths() {
     let cfg = config(&format!(
         "{}{}",
         ap("all", "ALLOW", "  rules: [{}]"),
-        ap("deny", "DENY", "  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]")
+        ap(
+            "deny",
+            "DENY",
+            "  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]"
+        )
     ));
-    assert_eq!(run(&cfg, &http("GET", "/admin?x=1")), ("deny".into(), "RBAC: access denied".into()));
+    assert_eq!(
+        run(&cfg, &http("GET", "/admin?x=1")),
+        ("deny".into(), "RBAC: access denied".into())
+    );
     assert_eq!(run(&cfg, &http("GET", "/public")).0, "allow");
 }
 
 #[test]
 fn v03_merge_slashes() {
-    let deny = ap("deny", "DENY", "  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]");
+    let deny = ap(
+        "deny",
+        "DENY",
+        "  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]",
+    );
     assert_eq!(run(&config(&deny), &http("GET", "//admin")).0, "allow");
     let mesh = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    pathNormalization: {normalization: MERGE_SLASHES}\n---\n";
-    assert_eq!(run(&config(&format!("{mesh}{deny}")), &http("GET", "//admin")).0, "deny");
+    assert_eq!(
+        run(&config(&format!("{mesh}{deny}")), &http("GET", "//admin")).0,
+        "deny"
+    );
 }
 
 #[test]
 fn v04_fragment_is_stripped() {
-    let cfg = config(&ap("deny", "DENY", "  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]"));
+    let cfg = config(&ap(
+        "deny",
+        "DENY",
+        "  rules: [{to: [{operation: {paths: [\"/admin\"]}}]}]",
+    ));
     assert_eq!(run(&cfg, &http("GET", "/admin#frag")).0, "deny");
 }
 
@@ -137,7 +159,11 @@ fn v05_trust_domain_rewrite() {
     let mesh = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    trustDomain: td1\n---\n";
     let cfg = config(&format!(
         "{mesh}{}",
-        ap("p", "ALLOW", "  rules: [{from: [{source: {principals: [\"cluster.local/ns/a/sa/b\"]}}]}]")
+        ap(
+            "p",
+            "ALLOW",
+            "  rules: [{from: [{source: {principals: [\"cluster.local/ns/a/sa/b\"]}}]}]"
+        )
     ));
     let mut r = http("GET", "/");
     r.peer = Some("spiffe://td1/ns/a/sa/b");
@@ -148,18 +174,30 @@ fn v05_trust_domain_rewrite() {
 
 #[test]
 fn v06_v07_identity_fields_on_plaintext() {
-    let cfg = config(&ap("p", "ALLOW", "  rules: [{from: [{source: {principals: [\"*\"]}}]}]"));
+    let cfg = config(&ap(
+        "p",
+        "ALLOW",
+        "  rules: [{from: [{source: {principals: [\"*\"]}}]}]",
+    ));
     let mut r = http("GET", "/");
     r.peer = None;
     assert_eq!(run(&cfg, &r).0, "deny");
-    let cfg = config(&ap("d", "DENY", "  rules: [{from: [{source: {notPrincipals: [\"*\"]}}]}]"));
+    let cfg = config(&ap(
+        "d",
+        "DENY",
+        "  rules: [{from: [{source: {notPrincipals: [\"*\"]}}]}]",
+    ));
     assert_eq!(run(&cfg, &r).0, "deny");
     assert_eq!(run(&cfg, &http("GET", "/")).0, "allow");
 }
 
 #[test]
 fn v08_allow_with_http_fields_denies_tcp() {
-    let cfg = config(&ap("p", "ALLOW", "  rules: [{to: [{operation: {methods: [GET]}}]}]"));
+    let cfg = config(&ap(
+        "p",
+        "ALLOW",
+        "  rules: [{to: [{operation: {methods: [GET]}}]}]",
+    ));
     let tcp = Req {
         peer: Some("spiffe://cluster.local/ns/a/sa/b"),
         port: 9090,
@@ -172,7 +210,11 @@ fn v08_allow_with_http_fields_denies_tcp() {
 
 #[test]
 fn v09_deny_with_http_fields_widens_on_tcp() {
-    let cfg = config(&ap("d", "DENY", "  rules: [{to: [{operation: {methods: [GET], ports: [\"8080\"]}}]}]"));
+    let cfg = config(&ap(
+        "d",
+        "DENY",
+        "  rules: [{to: [{operation: {methods: [GET], ports: [\"8080\"]}}]}]",
+    ));
     let mut tcp = Req {
         peer: Some("spiffe://cluster.local/ns/a/sa/b"),
         port: 8080,
@@ -186,7 +228,11 @@ fn v09_deny_with_http_fields_widens_on_tcp() {
 
 #[test]
 fn v10_hosts_ignore_case_but_not_port() {
-    let cfg = config(&ap("p", "ALLOW", "  rules: [{to: [{operation: {hosts: [example.com]}}]}]"));
+    let cfg = config(&ap(
+        "p",
+        "ALLOW",
+        "  rules: [{to: [{operation: {hosts: [example.com]}}]}]",
+    ));
     let mut r = http("GET", "/");
     r.http = Some(("GET", "/", "EXAMPLE.com"));
     assert_eq!(run(&cfg, &r).0, "allow");
@@ -199,13 +245,29 @@ fn v11_request_principals_need_iss_and_sub() {
     let cfg = config(&format!(
         "{}{}",
         ra("iss1", ""),
-        ap("p", "ALLOW", "  rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]")
+        ap(
+            "p",
+            "ALLOW",
+            "  rules: [{from: [{source: {requestPrincipals: [\"*\"]}}]}]"
+        )
     ));
-    assert_eq!(run(&cfg, &http("GET", "/")), ("deny".into(), "RBAC: access denied".into()));
+    assert_eq!(
+        run(&cfg, &http("GET", "/")),
+        ("deny".into(), "RBAC: access denied".into())
+    );
     let mut r = http("GET", "/");
-    r.headers = vec![("authorization", format!("Bearer {}", token(serde_json::json!({"iss": "iss1", "sub": "u"}))))];
+    r.headers = vec![(
+        "authorization",
+        format!(
+            "Bearer {}",
+            token(serde_json::json!({"iss": "iss1", "sub": "u"}))
+        ),
+    )];
     assert_eq!(run(&cfg, &r).0, "allow");
-    r.headers = vec![("authorization", format!("Bearer {}", token(serde_json::json!({"iss": "iss1"}))))];
+    r.headers = vec![(
+        "authorization",
+        format!("Bearer {}", token(serde_json::json!({"iss": "iss1"}))),
+    )];
     assert_eq!(run(&cfg, &r).0, "deny");
 }
 
@@ -213,8 +275,20 @@ fn v11_request_principals_need_iss_and_sub() {
 fn v12_unknown_issuer_is_401() {
     let cfg = config(&ra("A", ""));
     let mut r = http("GET", "/");
-    r.headers = vec![("authorization", format!("Bearer {}", token(serde_json::json!({"iss": "B", "sub": "u"}))))];
-    assert_eq!(run(&cfg, &r), ("unauthenticated".into(), "Jwt issuer is not configured".into()));
+    r.headers = vec![(
+        "authorization",
+        format!(
+            "Bearer {}",
+            token(serde_json::json!({"iss": "B", "sub": "u"}))
+        ),
+    )];
+    assert_eq!(
+        run(&cfg, &r),
+        (
+            "unauthenticated".into(),
+            "Jwt issuer is not configured".into()
+        )
+    );
 }
 
 #[test]
@@ -223,14 +297,23 @@ fn v13_audiences_are_sanitized() {
     let mut r = http("GET", "/");
     r.headers = vec![(
         "authorization",
-        format!("Bearer {}", token(serde_json::json!({"iss": "iss1", "sub": "u", "aud": "https://svc/"}))),
+        format!(
+            "Bearer {}",
+            token(serde_json::json!({"iss": "iss1", "sub": "u", "aud": "https://svc/"}))
+        ),
     )];
     assert_eq!(run(&cfg, &r).0, "allow");
     r.headers = vec![(
         "authorization",
-        format!("Bearer {}", token(serde_json::json!({"iss": "iss1", "sub": "u", "aud": "other"}))),
+        format!(
+            "Bearer {}",
+            token(serde_json::json!({"iss": "iss1", "sub": "u", "aud": "other"}))
+        ),
     )];
-    assert_eq!(run(&cfg, &r), ("deny".into(), "Audiences in Jwt are not allowed".into()));
+    assert_eq!(
+        run(&cfg, &r),
+        ("deny".into(), "Audiences in Jwt are not allowed".into())
+    );
 }
 
 #[test]
@@ -246,19 +329,30 @@ fn v15_space_delimited_scope() {
     let cfg = config(&format!(
         "{}{}",
         ra("iss1", ""),
-        ap("p", "ALLOW", "  rules: [{when: [{key: \"request.auth.claims[scope]\", values: [write]}]}]")
+        ap(
+            "p",
+            "ALLOW",
+            "  rules: [{when: [{key: \"request.auth.claims[scope]\", values: [write]}]}]"
+        )
     ));
     let mut r = http("GET", "/");
     r.headers = vec![(
         "authorization",
-        format!("Bearer {}", token(serde_json::json!({"iss": "iss1", "sub": "u", "scope": "read write"}))),
+        format!(
+            "Bearer {}",
+            token(serde_json::json!({"iss": "iss1", "sub": "u", "scope": "read write"}))
+        ),
     )];
     assert_eq!(run(&cfg, &r).0, "allow");
 }
 
 #[test]
 fn v16_service_accounts() {
-    let cfg = config(&ap("p", "ALLOW", "  rules: [{from: [{source: {serviceAccounts: [sa1]}}]}]"));
+    let cfg = config(&ap(
+        "p",
+        "ALLOW",
+        "  rules: [{from: [{source: {serviceAccounts: [sa1]}}]}]",
+    ));
     let mut r = http("GET", "/");
     r.peer = Some("spiffe://any.td/ns/foo/sa/sa1");
     assert_eq!(run(&cfg, &r).0, "allow");
@@ -268,7 +362,11 @@ fn v16_service_accounts() {
 
 #[test]
 fn v17_namespace_prefix() {
-    let cfg = config(&ap("p", "ALLOW", "  rules: [{from: [{source: {namespaces: [\"prod*\"]}}]}]"));
+    let cfg = config(&ap(
+        "p",
+        "ALLOW",
+        "  rules: [{from: [{source: {namespaces: [\"prod*\"]}}]}]",
+    ));
     let mut r = http("GET", "/");
     r.peer = Some("spiffe://td/ns/prod-eu/sa/x");
     assert_eq!(run(&cfg, &r).0, "allow");
@@ -312,13 +410,21 @@ fn v19_oldest_namespace_policy_wins() {
 
 #[test]
 fn v20_root_namespace_selector_is_ignored() {
-    let cfg = config(&pa("x", "istio-system", "  selector: {matchLabels: {app: server}}\n  mtls: {mode: STRICT}"));
+    let cfg = config(&pa(
+        "x",
+        "istio-system",
+        "  selector: {matchLabels: {app: server}}\n  mtls: {mode: STRICT}",
+    ));
     assert_eq!(mode(&cfg, 8080), MtlsMode::Permissive);
 }
 
 #[test]
 fn repeated_headers_match_per_value() {
-    let cfg = config(&ap("d", "DENY", "  rules: [{when: [{key: \"request.headers[x-role]\", values: [admin]}]}]"));
+    let cfg = config(&ap(
+        "d",
+        "DENY",
+        "  rules: [{when: [{key: \"request.headers[x-role]\", values: [admin]}]}]",
+    ));
     let mut r = http("GET", "/");
     r.headers = vec![("x-role", "user".into()), ("x-role", "admin".into())];
     assert_eq!(run(&cfg, &r).0, "deny");
@@ -327,8 +433,15 @@ fn repeated_headers_match_per_value() {
 #[test]
 fn dry_run_allow_does_not_default_deny() {
     let cfg = config(
-        &ap("p", "ALLOW", "  rules: [{to: [{operation: {methods: [POST]}}]}]")
-            .replace("namespace: foo}", "namespace: foo, annotations: {istio.io/dry-run: \"true\"}}"),
+        &ap(
+            "p",
+            "ALLOW",
+            "  rules: [{to: [{operation: {methods: [POST]}}]}]",
+        )
+        .replace(
+            "namespace: foo}",
+            "namespace: foo, annotations: {istio.io/dry-run: \"true\"}}",
+        ),
     );
     assert_eq!(run(&cfg, &http("GET", "/")).0, "allow");
 }

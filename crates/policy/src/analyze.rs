@@ -1481,7 +1481,7 @@ spec:
         let d = run(&[BASE]);
         let f = expect_one(&d, "WRD0104");
         assert_eq!(f.severity, Severity::Info);
-        assert_eq!(f.file, "meshConfig");
+        assert_eq!(f.file, crate::validate::MESH_FILE);
         let ns_strict = kind(
             "PeerAuthentication",
             "strict",

@@ -198,6 +198,14 @@ impl Loader {
             };
             let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
             let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            if kind.is_empty() && api.is_empty() && obj.contains_key("cases") {
+                // A `warden test` file kept next to the policies it tests.
+                cfg.skipped.push((
+                    format!("{}:{}", doc.file, doc.line),
+                    "warden test file".into(),
+                ));
+                continue;
+            }
             if kind.is_empty() || api.is_empty() {
                 let missing = if kind.is_empty() {
                     "kind"
@@ -209,7 +217,7 @@ impl Loader {
                     doc.line,
                     None,
                     missing,
-                    format!("Object 'Kind' is missing or has no {missing}: every document needs apiVersion and kind"),
+                    format!("{missing} not set: every document needs apiVersion and kind"),
                 ));
                 continue;
             }
@@ -602,6 +610,9 @@ metadata: {name: p}
         assert_eq!(w.ports[0].container_port, 8080);
         assert_eq!(cfg.skipped.len(), 1);
         assert_eq!(cfg.authorization_policies[0].namespace(), "default");
+        let (cfg, diags) = load("name: a warden test file\ncases: []\n");
+        assert!(diags.is_empty(), "{diags:?}");
+        assert_eq!(cfg.skipped[0].1, "warden test file");
     }
 
     #[test]

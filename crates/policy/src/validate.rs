@@ -27,7 +27,7 @@ const DRY_RUN_FIELD: &str = "metadata.annotations.istio.io/dry-run";
 
 /// File name used for findings about the mesh configuration, which has no document of its own
 /// once loaded (it may come from `--mesh` or from the `istio` ConfigMap).
-pub const MESH_FILE: &str = "meshConfig";
+pub const MESH_FILE: &str = "<default mesh config>";
 
 /// Every admission finding for the configuration, in resource order.
 pub fn validate(cfg: &Config) -> Vec<Diagnostic> {

@@ -47,18 +47,6 @@ pub fn analyze(cfg: &Config) -> Vec<Diagnostic> {
 
 // ------------------------------------------------------------------ shared helpers
 
-fn reporter<'a, T>(r: &'a Resource<T>, out: &'a mut Vec<Diagnostic>) -> Reporter<'a> {
-    Reporter {
-        origin: &r.origin,
-        resource: r.display(),
-        out,
-    }
-}
-
-fn has_target_refs(single: &Option<PolicyTargetReference>, many: &[PolicyTargetReference]) -> bool {
-    single.is_some() || !many.is_empty()
-}
-
 /// Workloads a selector/namespace-scoped policy attaches to (AuthorizationPolicy and
 /// RequestAuthentication rule: own namespace or root namespace, then label subset).
 fn attached_workloads<'a>(
@@ -74,7 +62,7 @@ fn attached_workloads<'a>(
 }
 
 fn ap_workloads<'a>(cfg: &'a Config, p: &Resource<AuthorizationPolicySpec>) -> Vec<&'a Workload> {
-    if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+    if p.spec.has_target_refs() {
         return Vec::new();
     }
     attached_workloads(cfg, p.namespace(), p.spec.selector.as_ref())
@@ -188,7 +176,7 @@ fn referenced_namespaces(cfg: &Config, out: &mut Vec<Diagnostic>) {
     known.extend(cfg.request_authentications.iter().map(|s| s.namespace()));
     known.extend(cfg.peer_authentications.iter().map(|s| s.namespace()));
     for p in &cfg.authorization_policies {
-        let mut r = reporter(p, out);
+        let mut r = p.reporter(out);
         for (_, base, rule) in rules(p) {
             for (j, s) in sources(rule) {
                 for (json, values) in [
@@ -275,9 +263,9 @@ fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
         }
     };
     for p in &cfg.authorization_policies {
-        if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+        if !p.spec.has_target_refs() {
             check(
-                &mut reporter(p, out),
+                &mut p.reporter(out),
                 p.namespace(),
                 p.spec.selector.as_ref(),
                 false,
@@ -285,9 +273,9 @@ fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
         }
     }
     for p in &cfg.request_authentications {
-        if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
+        if !p.spec.has_target_refs() {
             check(
-                &mut reporter(p, out),
+                &mut p.reporter(out),
                 p.namespace(),
                 p.spec.selector.as_ref(),
                 true,
@@ -302,7 +290,7 @@ fn no_matching_workloads(cfg: &Config, out: &mut Vec<Diagnostic>) {
             .as_ref()
             .filter(|s| !s.match_labels.is_empty());
         if sel.is_some() && p.namespace() != root {
-            check(&mut reporter(p, out), p.namespace(), sel, true);
+            check(&mut p.reporter(out), p.namespace(), sel, true);
         }
     }
 }
@@ -416,16 +404,12 @@ fn pod_missing_proxy(cfg: &Config, out: &mut Vec<Diagnostic>) {
         };
         let mut names = Vec::new();
         for p in &cfg.authorization_policies {
-            if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs)
-                && aims(p.namespace(), p.spec.selector.as_ref())
-            {
+            if !p.spec.has_target_refs() && aims(p.namespace(), p.spec.selector.as_ref()) {
                 names.push(p.display());
             }
         }
         for p in &cfg.request_authentications {
-            if !has_target_refs(&p.spec.target_ref, &p.spec.target_refs)
-                && aims(p.namespace(), p.spec.selector.as_ref())
-            {
+            if !p.spec.has_target_refs() && aims(p.namespace(), p.spec.selector.as_ref()) {
                 names.push(p.display());
             }
         }
@@ -467,7 +451,7 @@ fn requires_token(p: &Resource<AuthorizationPolicySpec>) -> bool {
 
 fn token_not_required(cfg: &Config, out: &mut Vec<Diagnostic>) {
     for ra in &cfg.request_authentications {
-        if has_target_refs(&ra.spec.target_ref, &ra.spec.target_refs) {
+        if ra.spec.has_target_refs() {
             continue;
         }
         let open: Vec<String> = attached_workloads(cfg, ra.namespace(), ra.spec.selector.as_ref())
@@ -487,7 +471,7 @@ fn token_not_required(cfg: &Config, out: &mut Vec<Diagnostic>) {
         } else {
             "spec.jwtRules"
         };
-        reporter(ra, out).push(
+        ra.reporter(out).push(
             Severity::Warning,
             "WRD0101",
             field,
@@ -554,7 +538,7 @@ fn identity_on_plaintext(cfg: &Config, out: &mut Vec<Diagnostic>) {
         if workloads.is_empty() {
             continue;
         }
-        let mut r = reporter(p, out);
+        let mut r = p.reporter(out);
         for (_, base, rule) in rules(p) {
             let mut fields: Vec<(String, &str)> = Vec::new();
             for (j, s) in sources(rule) {
@@ -611,29 +595,14 @@ fn identity_on_plaintext(cfg: &Config, out: &mut Vec<Diagnostic>) {
 /// Container ports of a workload that a Service declares as TCP (not HTTP), with the reason.
 fn tcp_ports(cfg: &Config, wl: &Workload) -> BTreeMap<u16, String> {
     let mut out = BTreeMap::new();
-    for s in &cfg.services {
-        let selects_wl = s.namespace() == wl.namespace
-            && s.spec.selector.as_ref().is_some_and(|sel| {
-                !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
-            });
-        if !selects_wl {
-            continue;
-        }
+    for s in cfg.services_selecting(wl) {
         for sp in &s.spec.ports {
             let Some((Protocol::Tcp, why)) =
                 declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref())
             else {
                 continue;
             };
-            let target = match &sp.target_port {
-                None => sp.port,
-                Some(IntOrString::Int(p)) => *p,
-                Some(IntOrString::String(name)) => wl
-                    .ports
-                    .iter()
-                    .find(|p| p.name.as_deref() == Some(name.as_str()))
-                    .map_or(0, |p| p.container_port),
-            };
+            let target = wl.target_port(sp).unwrap_or(0);
             if target != 0 {
                 out.entry(target)
                     .or_insert_with(|| format!("{why} of Service {}/{}", s.namespace(), s.name()));
@@ -693,7 +662,7 @@ fn http_fields_on_tcp(cfg: &Config, out: &mut Vec<Diagnostic>) {
         if workloads.is_empty() {
             continue;
         }
-        let mut r = reporter(p, out);
+        let mut r = p.reporter(out);
         for (_, base, rule) in rules(p) {
             let fields = http_only_fields(&base, rule);
             let Some((first, _)) = fields.first() else {
@@ -812,9 +781,9 @@ fn permissive_mesh(cfg: &Config, out: &mut Vec<Diagnostic>) {
             } else {
                 "spec"
             };
-            reporter(m, out).push(severity, "WRD0104", field, message);
+            m.reporter(out).push(severity, "WRD0104", field, message);
         }
-        (None, Some(p)) => reporter(p, out).push(severity, "WRD0104", "", message),
+        (None, Some(p)) => p.reporter(out).push(severity, "WRD0104", "", message),
         (None, None) => out.push(mesh_diagnostic(cfg, severity, "WRD0104", "", message)),
     }
 }
@@ -827,7 +796,7 @@ fn spiffe_prefix(cfg: &Config, out: &mut Vec<Diagnostic>) {
             .is_some_and(|p| p.eq_ignore_ascii_case("spiffe://"))
     };
     for p in &cfg.authorization_policies {
-        let mut r = reporter(p, out);
+        let mut r = p.reporter(out);
         let mut report = |field: String, v: &str, negative: bool| {
             let effect = if negative {
                 "this notPrincipals entry excludes nobody"
@@ -888,7 +857,7 @@ fn host_has_port(v: &str) -> bool {
 
 fn hosts_without_port(cfg: &Config, out: &mut Vec<Diagnostic>) {
     for p in &cfg.authorization_policies {
-        let mut r = reporter(p, out);
+        let mut r = p.reporter(out);
         for (_, base, rule) in rules(p) {
             for (j, o) in operations(rule) {
                 for (json, values) in [("hosts", &o.hosts), ("notHosts", &o.not_hosts)] {
@@ -941,7 +910,7 @@ fn unmerged_slashes(cfg: &Config, out: &mut Vec<Diagnostic>) {
         if is_dry_run(&p.meta) {
             continue;
         }
-        let mut r = reporter(p, out);
+        let mut r = p.reporter(out);
         for (_, base, rule) in rules(p) {
             for (j, o) in operations(rule) {
                 let (json, values, effect) = match p.spec.action {
@@ -987,7 +956,7 @@ fn ignored_peer_authentications(cfg: &Config, out: &mut Vec<Diagnostic>) {
         } else {
             "namespace-wide"
         };
-        reporter(ignored, out).push(
+        ignored.reporter(out).push(
             Severity::Warning,
             "WRD0108",
             "metadata.name",
@@ -1005,7 +974,7 @@ fn root_selector_peer_authentications(cfg: &Config, out: &mut Vec<Diagnostic>) {
     let root = cfg.mesh.root_namespace.as_str();
     for p in &cfg.peer_authentications {
         if p.namespace() == root && !is_ns_wide(p) {
-            reporter(p, out).push(
+            p.reporter(out).push(
                 Severity::Warning,
                 "WRD0110",
                 "spec.selector",
@@ -1031,7 +1000,7 @@ fn single_field<'a>(
 
 fn split_from_to(cfg: &Config, out: &mut Vec<Diagnostic>) {
     for p in &cfg.authorization_policies {
-        let mut r = reporter(p, out);
+        let mut r = p.reporter(out);
         for (_, base, rule) in rules(p) {
             let froms: Vec<Option<&'static str>> = rule
                 .from
@@ -1095,8 +1064,8 @@ fn target_ref_policies(cfg: &Config, out: &mut Vec<Diagnostic>) {
         }
     };
     for p in &cfg.authorization_policies {
-        if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
-            reporter(p, out).push(
+        if p.spec.has_target_refs() {
+            p.reporter(out).push(
                 Severity::Info,
                 "WRD0111",
                 field(&p.spec.target_ref),
@@ -1105,8 +1074,8 @@ fn target_ref_policies(cfg: &Config, out: &mut Vec<Diagnostic>) {
         }
     }
     for p in &cfg.request_authentications {
-        if has_target_refs(&p.spec.target_ref, &p.spec.target_refs) {
-            reporter(p, out).push(
+        if p.spec.has_target_refs() {
+            p.reporter(out).push(
                 Severity::Info,
                 "WRD0111",
                 field(&p.spec.target_ref),

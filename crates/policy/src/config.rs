@@ -35,6 +35,14 @@ impl<T> Resource<T> {
     pub fn display(&self) -> String {
         format!("{} {}/{}", self.kind, self.namespace(), self.meta.name)
     }
+    /// Reports findings about this resource, resolving field paths to its lines.
+    pub fn reporter<'a>(&'a self, out: &'a mut Vec<Diagnostic>) -> crate::diag::Reporter<'a> {
+        crate::diag::Reporter {
+            origin: &self.origin,
+            resource: self.display(),
+            out,
+        }
+    }
 }
 
 /// A place traffic can be sent to: a pod, the pods of a controller, or a WorkloadEntry.
@@ -57,6 +65,20 @@ impl Workload {
     pub fn id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+    /// The container port a Service port sends to: `targetPort` as a number, as the name of
+    /// one of this workload's ports, or the Service port itself. `None` for an unknown name.
+    pub fn target_port(&self, sp: &ServicePort) -> Option<u16> {
+        match &sp.target_port {
+            None => Some(sp.port),
+            Some(IntOrString::Int(p)) => Some(*p),
+            Some(IntOrString::String(name)) => self
+                .ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.container_port),
+        }
+    }
+
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
         format!(
             "spiffe://{trust_domain}/ns/{}/sa/{}",
@@ -99,6 +121,19 @@ pub struct Config {
 }
 
 impl Config {
+    /// Services in the workload's namespace whose (non-empty) selector matches it.
+    pub fn services_selecting<'a>(
+        &'a self,
+        wl: &'a Workload,
+    ) -> impl Iterator<Item = &'a Resource<ServiceSpec>> + 'a {
+        self.services.iter().filter(move |s| {
+            s.namespace() == wl.namespace
+                && s.spec.selector.as_ref().is_some_and(|sel| {
+                    !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
+                })
+        })
+    }
+
     pub fn workload(&self, ns: &str, name: &str) -> Option<&Workload> {
         self.workloads
             .iter()

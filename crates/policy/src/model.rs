@@ -291,6 +291,20 @@ pub struct AuthorizationPolicySpec {
     pub rules: Option<Vec<Option<Rule>>>,
 }
 
+impl AuthorizationPolicySpec {
+    /// Policies with targetRefs attach to gateways and waypoints, never to sidecars.
+    pub fn has_target_refs(&self) -> bool {
+        self.target_ref.is_some() || !self.target_refs.is_empty()
+    }
+}
+
+impl RequestAuthenticationSpec {
+    /// Policies with targetRefs attach to gateways and waypoints, never to sidecars.
+    pub fn has_target_refs(&self) -> bool {
+        self.target_ref.is_some() || !self.target_refs.is_empty()
+    }
+}
+
 // ---------------------------------------------------------------- Kubernetes kinds
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]

@@ -14,15 +14,22 @@ pub fn selects(selector: Option<&WorkloadSelector>, labels: &Labels) -> bool {
     selector.is_none_or(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
-fn has_target_refs(
-    target_ref: &Option<PolicyTargetReference>,
-    refs: &[PolicyTargetReference],
+/// Whether a selector/targetRef policy in `ns` attaches to a sidecar workload: it must live in
+/// the workload's namespace or the root namespace, have no targetRefs (those attach to
+/// gateways and waypoints only), and select the workload's labels.
+fn attaches(
+    cfg: &Config,
+    wl: &Workload,
+    ns: &str,
+    target_refs: bool,
+    selector: Option<&WorkloadSelector>,
 ) -> bool {
-    target_ref.is_some() || !refs.is_empty()
+    (ns == wl.namespace || ns == cfg.mesh.root_namespace)
+        && !target_refs
+        && selects(selector, &wl.labels)
 }
 
-/// AuthorizationPolicies that apply to a sidecar workload: from its namespace and the root
-/// namespace, selector-matched; policies with targetRefs only attach to gateways/waypoints.
+/// AuthorizationPolicies that apply to a sidecar workload.
 pub fn authorization_policies<'a>(
     cfg: &'a Config,
     wl: &Workload,
@@ -30,9 +37,13 @@ pub fn authorization_policies<'a>(
     cfg.authorization_policies
         .iter()
         .filter(|p| {
-            (p.namespace() == wl.namespace || p.namespace() == cfg.mesh.root_namespace)
-                && !has_target_refs(&p.spec.target_ref, &p.spec.target_refs)
-                && selects(p.spec.selector.as_ref(), &wl.labels)
+            attaches(
+                cfg,
+                wl,
+                p.namespace(),
+                p.spec.has_target_refs(),
+                p.spec.selector.as_ref(),
+            )
         })
         .collect()
 }
@@ -45,9 +56,13 @@ pub fn request_authentications<'a>(
     cfg.request_authentications
         .iter()
         .filter(|p| {
-            (p.namespace() == wl.namespace || p.namespace() == cfg.mesh.root_namespace)
-                && !has_target_refs(&p.spec.target_ref, &p.spec.target_refs)
-                && selects(p.spec.selector.as_ref(), &wl.labels)
+            attaches(
+                cfg,
+                wl,
+                p.namespace(),
+                p.spec.has_target_refs(),
+                p.spec.selector.as_ref(),
+            )
         })
         .collect()
 }

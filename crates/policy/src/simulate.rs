@@ -12,7 +12,7 @@ use crate::config::{Config, Workload};
 use crate::engine::{
     Decision, ExtAuthzAnswer, HttpRequest, JwksSource, Outcome, Request, Step, WorkloadPolicy,
 };
-use crate::model::{IntOrString, MtlsMode};
+use crate::model::MtlsMode;
 use crate::scope::{self, PortMode};
 
 /// Who sends the request.
@@ -150,25 +150,10 @@ fn map_port(
     wl: &Workload,
     port: u16,
 ) -> (u16, Option<String>, Option<(Protocol, String)>) {
-    let selecting = cfg.services.iter().filter(|s| {
-        s.namespace() == wl.namespace
-            && s.spec.selector.as_ref().is_some_and(|sel| {
-                !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
-            })
-    });
     let mut by_target = None;
-    for s in selecting {
+    for s in cfg.services_selecting(wl) {
         for sp in &s.spec.ports {
-            let target = match &sp.target_port {
-                None => sp.port,
-                Some(IntOrString::Int(p)) => *p,
-                Some(IntOrString::String(name)) => wl
-                    .ports
-                    .iter()
-                    .find(|p| p.name.as_deref() == Some(name.as_str()))
-                    .map(|p| p.container_port)
-                    .unwrap_or(0),
-            };
+            let target = wl.target_port(sp).unwrap_or(0);
             let proto = declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref());
             if sp.port == port {
                 return (

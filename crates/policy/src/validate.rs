@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
-use crate::config::{Config, Resource};
+use crate::config::Config;
 use crate::diag::{Diagnostic, Reporter, Severity};
 use crate::jwt::Jwks;
 use crate::mesh::ExtAuthzKind;
@@ -33,30 +33,22 @@ pub const MESH_FILE: &str = "<default mesh config>";
 pub fn validate(cfg: &Config) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for p in &cfg.authorization_policies {
-        let mut r = reporter(p, &mut out);
+        let mut r = p.reporter(&mut out);
         dry_run_annotation(&mut r, &p.meta, Some(p.spec.action));
         authorization_policy(&mut r, &p.spec);
     }
     for p in &cfg.request_authentications {
-        let mut r = reporter(p, &mut out);
+        let mut r = p.reporter(&mut out);
         dry_run_annotation(&mut r, &p.meta, None);
         request_authentication(&mut r, &p.spec);
     }
     for p in &cfg.peer_authentications {
-        let mut r = reporter(p, &mut out);
+        let mut r = p.reporter(&mut out);
         dry_run_annotation(&mut r, &p.meta, None);
         peer_authentication(&mut r, &p.spec);
     }
     extension_providers(cfg, &mut out);
     out
-}
-
-fn reporter<'a, T>(r: &'a Resource<T>, out: &'a mut Vec<Diagnostic>) -> Reporter<'a> {
-    Reporter {
-        origin: &r.origin,
-        resource: r.display(),
-        out,
-    }
 }
 
 /// A finding about the mesh configuration (no resource document to point into).

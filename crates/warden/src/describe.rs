@@ -158,34 +158,27 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
     let mut ports: BTreeSet<u16> = wl.ports.iter().map(|p| p.container_port).collect();
     ports.extend(pa.ports.keys());
     let mut port_out = Vec::new();
-    for s in cfg.services.iter().filter(|s| {
-        s.namespace() == wl.namespace
-            && s.spec.selector.as_ref().is_some_and(|sel| {
-                !sel.is_empty() && sel.iter().all(|(k, v)| wl.labels.get(k) == Some(v))
-            })
-    }) {
+    // Protocol per container port, from the Service ports that target it.
+    let mut declared: std::collections::BTreeMap<u16, String> = Default::default();
+    for s in cfg.services_selecting(wl) {
         for sp in &s.spec.ports {
-            if let Some(warden_policy::model::IntOrString::Int(t)) = sp.target_port {
-                ports.insert(t);
-            } else if sp.target_port.is_none() {
-                ports.insert(sp.port);
+            let Some(t) = wl.target_port(sp) else {
+                continue;
+            };
+            ports.insert(t);
+            if let Some((p, _)) = declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref())
+            {
+                declared
+                    .entry(t)
+                    .or_insert_with(|| format!("{p:?}").to_lowercase());
             }
         }
     }
     for p in &ports {
         let m = pa.mode_for(*p);
-        let proto = cfg
-            .services
-            .iter()
-            .filter(|s| s.namespace() == wl.namespace)
-            .flat_map(|s| s.spec.ports.iter())
-            .find(|sp| match &sp.target_port {
-                Some(warden_policy::model::IntOrString::Int(t)) => t == p,
-                None => sp.port == *p,
-                _ => false,
-            })
-            .and_then(|sp| declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref()))
-            .map(|(p, _)| format!("{p:?}").to_lowercase())
+        let proto = declared
+            .get(p)
+            .cloned()
             .unwrap_or_else(|| "detected".into());
         port_out.push(PortOut {
             port: *p,

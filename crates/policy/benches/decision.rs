@@ -32,7 +32,15 @@ spec:
 
 /// `n` rules spread over policies of 10 rules, each rule allowing one caller identity a
 /// method and a path prefix: the common shape of real allow-lists.
-fn policies(n: usize, with_jwt: bool) -> String {
+/// Rule shapes: `Principal` allows one exact identity; `Namespace` allows a whole namespace
+/// (Istio's `.*/ns/<x>/.*` regex) on a path prefix.
+#[derive(Clone, Copy)]
+enum Shape {
+    Principal,
+    Namespace,
+}
+
+fn policies_shaped(n: usize, with_jwt: bool, shape: Shape) -> String {
     let mut s = String::from(APP);
     let per = 10.min(n);
     for p in 0..n.div_ceil(per) {
@@ -47,8 +55,14 @@ fn policies(n: usize, with_jwt: bool) -> String {
             } else {
                 ""
             };
+            let source = match shape {
+                Shape::Principal => {
+                    format!("principals: [\"cluster.local/ns/client-{i}/sa/caller\"]")
+                }
+                Shape::Namespace => format!("namespaces: [\"client-{i}\"]"),
+            };
             s.push_str(&format!(
-                "  - from:\n    - source: {{principals: [\"cluster.local/ns/client-{i}/sa/caller\"]{jwt}}}\n    to:\n    - operation: {{methods: [GET, POST], paths: [\"/api/v1/items/{i}/*\"]}}\n"
+                "  - from:\n    - source: {{{source}{jwt}}}\n    to:\n    - operation: {{methods: [GET, POST], paths: [\"/api/v1/items/{i}/*\"]}}\n"
             ));
         }
     }
@@ -76,9 +90,13 @@ fn compile(cfg: &Config) -> WorkloadPolicy {
 
 fn decide(c: &mut Criterion) {
     let mut g = c.benchmark_group("decision");
-    for with_jwt in [false, true] {
+    for (with_jwt, shape) in [
+        (false, Shape::Principal),
+        (false, Shape::Namespace),
+        (true, Shape::Principal),
+    ] {
         for n in [10usize, 1_000, 10_000] {
-            let cfg = load(&policies(n, with_jwt));
+            let cfg = load(&policies_shaped(n, with_jwt, shape));
             let policy = compile(&cfg);
             // The caller of the last rule: a linear scan would have to look at every rule.
             let peer = format!("spiffe://cluster.local/ns/client-{}/sa/caller", n - 1);

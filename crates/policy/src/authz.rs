@@ -74,7 +74,8 @@ enum Str {
     SuffixIgnoreCase(Box<str>),
     Contains(Box<str>),
     Regex(Box<Regex>),
-    Template(Box<PathTemplate>),
+    /// A path template and its literal prefix (text before the first `{`), for indexing.
+    Template(Box<PathTemplate>, Box<str>),
     /// Matches nothing: attributes Warden has no data for.
     Never,
 }
@@ -100,7 +101,7 @@ impl Str {
             }
             Str::Contains(v) => s.contains(&**v),
             Str::Regex(r) => r.is_match(s),
-            Str::Template(t) => t.matches(s),
+            Str::Template(t, _) => t.matches(s),
             Str::Never => false,
         }
     }
@@ -156,7 +157,7 @@ fn principal(v: &str) -> Str {
 fn path_value(v: &str) -> Str {
     if is_template(v) {
         match PathTemplate::parse(v) {
-            Ok(t) => Str::Template(Box::new(t)),
+            Ok(t) => Str::Template(Box::new(t), v[..v.find('{').unwrap_or(v.len())].into()),
             Err(_) => Str::Never,
         }
     } else {
@@ -413,9 +414,9 @@ impl CompiledRule {
 
 // ------------------------------------------------------------------ compilation of one field
 
-/// Why a field cannot be compiled for this protocol.
+/// Why a field cannot be compiled for this protocol: it is HTTP-only (the key is named).
 enum Drop {
-    HttpOnly,
+    HttpOnly(String),
 }
 
 struct FieldCtx<'a> {
@@ -425,10 +426,10 @@ struct FieldCtx<'a> {
 }
 
 impl FieldCtx<'_> {
-    fn http_only(&self) -> Result<(), Drop> {
+    fn http_only(&self, key: &str) -> Result<(), Drop> {
         match self.protocol {
             Protocol::Http => Ok(()),
-            Protocol::Tcp => Err(Drop::HttpOnly),
+            Protocol::Tcp => Err(Drop::HttpOnly(key.to_string())),
         }
     }
 
@@ -469,35 +470,35 @@ impl FieldCtx<'_> {
                 .collect(),
             "connection.sni" => v.iter().map(|x| Pred::Sni(generic(x))).collect(),
             "hosts" => {
-                self.http_only()?;
+                self.http_only(key)?;
                 v.iter().map(|x| Pred::Host(host(x))).collect()
             }
             "methods" => {
-                self.http_only()?;
+                self.http_only(key)?;
                 v.iter().map(|x| Pred::Method(header_like(x))).collect()
             }
             "paths" => {
-                self.http_only()?;
+                self.http_only(key)?;
                 v.iter().map(|x| Pred::Path(path_value(x))).collect()
             }
             "requestPrincipals" | "request.auth.principal" => {
-                self.http_only()?;
+                self.http_only(key)?;
                 v.iter().map(|x| request_principal(x)).collect()
             }
             "request.auth.audiences" => {
-                self.http_only()?;
+                self.http_only(key)?;
                 v.iter()
                     .map(|x| Pred::Claim(vec!["aud".into()], generic(x)))
                     .collect()
             }
             "request.auth.presenter" => {
-                self.http_only()?;
+                self.http_only(key)?;
                 v.iter()
                     .map(|x| Pred::Claim(vec!["azp".into()], generic(x)))
                     .collect()
             }
             k if k.starts_with("request.headers[") => {
-                self.http_only()?;
+                self.http_only(key)?;
                 match bracket_keys(&k["request.headers".len()..]) {
                     Some(keys) if keys.len() == 1 => {
                         let name = keys[0].to_ascii_lowercase();
@@ -509,7 +510,7 @@ impl FieldCtx<'_> {
                 }
             }
             k if k.starts_with("request.auth.claims[") => {
-                self.http_only()?;
+                self.http_only(key)?;
                 match bracket_keys(&k["request.auth.claims".len()..]) {
                     Some(keys) => v
                         .iter()
@@ -643,7 +644,7 @@ fn field(
     widened: &mut bool,
 ) -> Result<(), Drop> {
     match ctx.cond(key, v, neg, out) {
-        Err(Drop::HttpOnly) if action != Action::Allow => {
+        Err(Drop::HttpOnly(_)) if action != Action::Allow => {
             *widened = true;
             Ok(())
         }
@@ -657,17 +658,17 @@ fn compile_rule(
     action: Action,
     policy: u32,
     rule: u32,
-) -> Option<CompiledRule> {
+) -> Result<CompiledRule, Drop> {
     let mut widened = false;
     let mut from = Vec::new();
     for f in r.from.iter().flatten().flatten() {
         let s = f.source.clone().unwrap_or_default();
-        from.push(compile_source(ctx, &s, action, &mut widened).ok()?);
+        from.push(compile_source(ctx, &s, action, &mut widened)?);
     }
     let mut to = Vec::new();
     for t in r.to.iter().flatten().flatten() {
         let o = t.operation.clone().unwrap_or_default();
-        to.push(compile_operation(ctx, &o, action, &mut widened).ok()?);
+        to.push(compile_operation(ctx, &o, action, &mut widened)?);
     }
     let mut when = Vec::new();
     for c in r.when.iter().flatten().flatten() {
@@ -679,8 +680,7 @@ fn compile_rule(
             false,
             &mut when,
             &mut widened,
-        )
-        .ok()?;
+        )?;
         field(
             ctx,
             action,
@@ -689,10 +689,9 @@ fn compile_rule(
             true,
             &mut when,
             &mut widened,
-        )
-        .ok()?;
+        )?;
     }
-    Some(CompiledRule {
+    Ok(CompiledRule {
         from,
         to,
         when,
@@ -708,83 +707,169 @@ fn compile_rule(
 struct RuleSet {
     rules: Vec<CompiledRule>,
     by_principal: HashMap<Box<str>, Vec<u32>>,
+    by_namespace: HashMap<Box<str>, Vec<u32>>,
     by_path: HashMap<Box<str>, Vec<u32>>,
+    by_path_prefix: Trie,
     by_host: HashMap<Box<str>, Vec<u32>>,
     scan: Vec<u32>,
 }
 
-/// Exact values of a positive condition, when every predicate is an exact match of `kind`.
-fn exact_values<'r>(c: &'r Cond, kind: fn(&'r Pred) -> Option<&'r Str>) -> Option<Vec<&'r str>> {
+/// A byte trie of path prefixes: walking a request path visits every indexed prefix of it in
+/// one pass, so prefix rules cost O(path length), not O(rules).
+#[derive(Debug, Clone, Default)]
+struct Trie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TrieNode {
+    /// Sorted by byte.
+    edges: Vec<(u8, u32)>,
+    ids: Vec<u32>,
+}
+
+impl Trie {
+    fn insert(&mut self, key: &str, id: u32) {
+        if self.nodes.is_empty() {
+            self.nodes.push(TrieNode::default());
+        }
+        let mut n = 0usize;
+        for b in key.bytes() {
+            n = match self.nodes[n].edges.binary_search_by_key(&b, |e| e.0) {
+                Ok(i) => self.nodes[n].edges[i].1 as usize,
+                Err(i) => {
+                    let next = self.nodes.len() as u32;
+                    self.nodes.push(TrieNode::default());
+                    self.nodes[n].edges.insert(i, (b, next));
+                    next as usize
+                }
+            };
+        }
+        let ids = &mut self.nodes[n].ids;
+        if ids.last() != Some(&id) {
+            ids.push(id);
+        }
+    }
+
+    /// Calls `f` with the rule ids of every indexed prefix of `path`.
+    fn walk(&self, path: &str, mut f: impl FnMut(&[u32])) {
+        let Some(mut node) = self.nodes.first() else {
+            return;
+        };
+        for b in path.bytes() {
+            if !node.ids.is_empty() {
+                f(&node.ids);
+            }
+            match node.edges.binary_search_by_key(&b, |e| e.0) {
+                Ok(i) => node = &self.nodes[node.edges[i].1 as usize],
+                Err(_) => return,
+            }
+        }
+        if !node.ids.is_empty() {
+            f(&node.ids);
+        }
+    }
+}
+
+/// An index key a rule can be filed under.
+#[derive(Clone, Copy)]
+enum Key<'r> {
+    Principal(&'r str),
+    Namespace(&'r str),
+    Path(&'r str),
+    PathPrefix(&'r str),
+    Host(&'r str),
+}
+
+/// Keys of one predicate within an index family (`None` = not indexable in that family).
+type Family = for<'r> fn(&'r Pred) -> Option<Key<'r>>;
+
+fn principal_family(p: &Pred) -> Option<Key<'_>> {
+    match p {
+        Pred::Principal(Str::Exact(v)) => Some(Key::Principal(v)),
+        _ => None,
+    }
+}
+
+fn namespace_family(p: &Pred) -> Option<Key<'_>> {
+    match p {
+        Pred::Principal(Str::Contains(v)) => v
+            .strip_prefix("/ns/")
+            .and_then(|r| r.strip_suffix('/'))
+            .map(Key::Namespace),
+        _ => None,
+    }
+}
+
+fn path_family(p: &Pred) -> Option<Key<'_>> {
+    match p {
+        Pred::Path(Str::Exact(v)) => Some(Key::Path(v)),
+        Pred::Path(Str::Prefix(v)) => Some(Key::PathPrefix(v)),
+        Pred::Path(Str::Template(_, v)) => Some(Key::PathPrefix(v)),
+        _ => None,
+    }
+}
+
+fn host_family(p: &Pred) -> Option<Key<'_>> {
+    match p {
+        Pred::Host(Str::IgnoreCase(v)) => Some(Key::Host(v)),
+        _ => None,
+    }
+}
+
+/// Keys of a positive condition whose every value is indexable in the family.
+fn cond_keys<'r>(c: &'r Cond, family: Family) -> Option<Vec<Key<'r>>> {
     if c.negate {
         return None;
     }
-    c.preds
-        .iter()
-        .map(|p| match kind(p) {
-            Some(Str::Exact(v)) | Some(Str::IgnoreCase(v)) => Some(&**v),
-            _ => None,
-        })
-        .collect()
+    c.preds.iter().map(family).collect()
 }
 
-/// Values that every match of `clauses` must take for the attribute `kind`, if any.
-fn clause_keys<'r>(
-    clauses: &'r [Clause],
-    kind: fn(&'r Pred) -> Option<&'r Str>,
-) -> Option<Vec<&'r str>> {
+/// Keys that any match of the clauses must hit: every clause (OR) needs an indexable
+/// condition (AND), so a request matching none of the keys cannot match the rule.
+fn clause_keys<'r>(clauses: &'r [Clause], family: Family) -> Option<Vec<Key<'r>>> {
     if clauses.is_empty() {
         return None;
     }
     let mut keys = Vec::new();
     for cl in clauses {
-        let ks = cl.iter().find_map(|c| exact_values(c, kind))?;
-        keys.extend(ks);
+        keys.extend(cl.iter().find_map(|c| cond_keys(c, family))?);
     }
     Some(keys)
-}
-
-fn principal_of(p: &Pred) -> Option<&Str> {
-    match p {
-        Pred::Principal(s) => Some(s),
-        _ => None,
-    }
-}
-fn path_of(p: &Pred) -> Option<&Str> {
-    match p {
-        Pred::Path(s) => Some(s),
-        _ => None,
-    }
-}
-fn host_of(p: &Pred) -> Option<&Str> {
-    match p {
-        Pred::Host(s) => Some(s),
-        _ => None,
-    }
 }
 
 impl RuleSet {
     fn push(&mut self, r: CompiledRule) {
         let id = self.rules.len() as u32;
         let when = std::slice::from_ref(&r.when);
-        if let Some(keys) =
-            clause_keys(&r.from, principal_of).or_else(|| clause_keys(when, principal_of))
-        {
-            for k in keys {
-                self.by_principal.entry(k.into()).or_default().push(id);
+        let keys = clause_keys(&r.from, principal_family)
+            .or_else(|| clause_keys(when, principal_family))
+            .or_else(|| clause_keys(&r.from, namespace_family))
+            .or_else(|| clause_keys(when, namespace_family))
+            .or_else(|| clause_keys(&r.to, path_family))
+            .or_else(|| clause_keys(&r.to, host_family));
+        match keys {
+            None => self.scan.push(id),
+            Some(keys) => {
+                for k in keys {
+                    let list = match k {
+                        Key::Principal(v) => self.by_principal.entry(v.into()).or_default(),
+                        Key::Namespace(v) => self.by_namespace.entry(v.into()).or_default(),
+                        Key::Path(v) => self.by_path.entry(v.into()).or_default(),
+                        Key::Host(v) => self
+                            .by_host
+                            .entry(v.to_ascii_lowercase().into())
+                            .or_default(),
+                        Key::PathPrefix(v) => {
+                            self.by_path_prefix.insert(v, id);
+                            continue;
+                        }
+                    };
+                    if list.last() != Some(&id) {
+                        list.push(id);
+                    }
+                }
             }
-        } else if let Some(keys) = clause_keys(&r.to, path_of) {
-            for k in keys {
-                self.by_path.entry(k.into()).or_default().push(id);
-            }
-        } else if let Some(keys) = clause_keys(&r.to, host_of) {
-            for k in keys {
-                self.by_host
-                    .entry(k.to_ascii_lowercase().into())
-                    .or_default()
-                    .push(id);
-            }
-        } else {
-            self.scan.push(id);
         }
         self.rules.push(r);
     }
@@ -793,7 +878,8 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
-    /// The first rule (in Envoy's order) that matches.
+    /// The first rule (in Envoy's order) that matches. Candidate lists are ascending, so each
+    /// is tried until its first match or until it passes the best match so far.
     fn first_match(&self, a: &Attrs<'_>) -> Option<&CompiledRule> {
         let mut best: Option<u32> = None;
         let mut try_list = |ids: &[u32]| {
@@ -811,11 +897,25 @@ impl RuleSet {
             if let Some(ids) = self.by_principal.get(p) {
                 try_list(ids);
             }
+            if !self.by_namespace.is_empty() {
+                // Every `/ns/<x>/` segment of the principal, as Istio's regex `.*/ns/<x>/.*`.
+                // Occurrences may overlap (`/ns/ns/x/`), so step past "/ns" only.
+                let mut from = 0;
+                while let Some(i) = p[from..].find("/ns/") {
+                    let start = from + i + 4;
+                    let seg = &p[start..start + p[start..].find('/').unwrap_or(p.len() - start)];
+                    if let Some(ids) = self.by_namespace.get(seg) {
+                        try_list(ids);
+                    }
+                    from += i + 3;
+                }
+            }
         }
         if let Some(h) = a.http {
             if let Some(ids) = self.by_path.get(h.path) {
                 try_list(ids);
             }
+            self.by_path_prefix.walk(h.path, &mut try_list);
             if !self.by_host.is_empty() {
                 let lower = h.authority.to_ascii_lowercase();
                 if let Some(ids) = self.by_host.get(lower.as_str()) {
@@ -844,6 +944,15 @@ pub struct PolicyInfo {
     pub bad_custom: Option<String>,
 }
 
+/// An ALLOW rule dropped from the TCP chain, and the HTTP-only field that dropped it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DroppedRule {
+    pub namespace: String,
+    pub name: String,
+    pub rule: u32,
+    pub field: String,
+}
+
 /// A rule that matched: which policy, which rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleMatch {
@@ -856,15 +965,27 @@ pub struct RuleMatch {
     /// On TCP, the rule's HTTP-only fields were ignored, so it matched more widely.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub widened_for_tcp: bool,
+    /// The CUSTOM provider of the policy, if it is a CUSTOM policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Why a CUSTOM policy is enforced as DENY instead (its provider is unusable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bad_custom: Option<String>,
 }
 
 impl RuleMatch {
-    /// Envoy's RBAC policy id, as seen in its logs and response details.
+    /// Envoy's RBAC policy id, as seen in its logs and response details; CUSTOM rules carry
+    /// Istio's ext-authz prefix, unusable CUSTOM rules its fail-closed suffix.
     pub fn envoy_id(&self) -> String {
-        format!(
+        let base = format!(
             "ns[{}]-policy[{}]-rule[{}]",
             self.namespace, self.name, self.rule
-        )
+        );
+        match (&self.provider, &self.bad_custom) {
+            (_, Some(_)) => format!("{base}-deny-due-to-bad-CUSTOM-action"),
+            (Some(p), None) => format!("istio-ext-authz-{p}-{base}"),
+            (None, None) => base,
+        }
     }
 }
 
@@ -911,6 +1032,8 @@ pub struct DryRun {
 #[derive(Debug, Clone, Default)]
 pub struct CompiledAuthz {
     pub policies: Vec<PolicyInfo>,
+    /// Enforced ALLOW rules that do not exist on TCP because of an HTTP-only field.
+    pub tcp_dropped_allow: Vec<DroppedRule>,
     http: Engines,
     tcp: Engines,
     allow_exists: bool,
@@ -984,10 +1107,16 @@ impl CompiledAuthz {
             }
         }
         entries.sort();
+        let mut tcp_dropped = Vec::new();
         for (protocol, engines) in [
             (Protocol::Http, &mut out.http),
             (Protocol::Tcp, &mut out.tcp),
         ] {
+            let mut http_dropped = Vec::new();
+            let out_dropped = match protocol {
+                Protocol::Tcp => &mut tcp_dropped,
+                Protocol::Http => &mut http_dropped,
+            };
             for (_, pi, ri) in &entries {
                 let p = policies[*pi];
                 let info = &out.policies[*pi];
@@ -1005,8 +1134,19 @@ impl CompiledAuthz {
                     bundle: &bundle,
                     policy_ns: p.namespace(),
                 };
-                let Some(c) = compile_rule(&ctx, rule, action, *pi as u32, *ri as u32) else {
-                    continue;
+                let c = match compile_rule(&ctx, rule, action, *pi as u32, *ri as u32) {
+                    Ok(c) => c,
+                    Err(Drop::HttpOnly(key)) => {
+                        if !info.dry_run {
+                            out_dropped.push(DroppedRule {
+                                namespace: info.namespace.clone(),
+                                name: info.name.clone(),
+                                rule: *ri as u32,
+                                field: key,
+                            });
+                        }
+                        continue;
+                    }
                 };
                 let set = match (action, info.dry_run) {
                     (Action::Allow, false) => &mut engines.allow,
@@ -1036,6 +1176,7 @@ impl CompiledAuthz {
             }
             engines.custom.sort_by(|a, b| a.provider.cmp(&b.provider));
         }
+        out.tcp_dropped_allow = tcp_dropped;
         out
     }
 
@@ -1059,6 +1200,12 @@ impl CompiledAuthz {
             rule: r.rule,
             dry_run: p.dry_run,
             widened_for_tcp: r.widened,
+            provider: if p.action == Action::Custom {
+                p.provider.clone()
+            } else {
+                None
+            },
+            bad_custom: p.bad_custom.clone(),
         }
     }
 
@@ -1281,6 +1428,71 @@ mod tests {
         assert!(trust_domain("*.local").matches("spiffe://cluster.local/ns/a/sa/b"));
         assert!(generic("*x*").matches("ax*"));
         assert!(!generic("*").matches(""));
+    }
+
+    /// The index must never hide a rule the full match would accept.
+    #[test]
+    fn index_agrees_with_full_match() {
+        use crate::config::Loader;
+        let text = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: s, namespace: foo}
+spec: {template: {metadata: {labels: {app: s}}}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: foo}
+spec:
+  rules:
+  - from: [{source: {namespaces: [x]}}]
+  - from: [{source: {namespaces: [ns]}}, {source: {principals: [td/ns/a/sa/b]}}]
+  - to: [{operation: {paths: ["/api/v1/*", "/exact"]}}]
+  - to: [{operation: {paths: ["/t/{*}/x"]}}]
+  - to: [{operation: {hosts: [Example.COM]}}]
+  - when: [{key: source.principal, values: [td/ns/w/sa/w]}]
+"#;
+        let mut l = Loader::new();
+        l.add_text("t.yaml", text);
+        let (cfg, d) = l.finish();
+        assert!(d.is_empty(), "{d:?}");
+        let wl = cfg.workload("foo", "s").unwrap();
+        let aps = crate::scope::authorization_policies(&cfg, wl);
+        let c = CompiledAuthz::compile(&aps, &cfg.mesh, wl);
+        let cases: [(&str, &str, &str, Option<u32>); 8] = [
+            ("spiffe://td/ns/ns/x/sa/y", "/", "h", Some(0)),
+            ("spiffe://td/ns/ns/sa/y", "/", "h", Some(1)),
+            ("spiffe://td/ns/a/sa/b", "/", "h", Some(1)),
+            ("spiffe://td/ns/q/sa/q", "/api/v1/items", "h", Some(2)),
+            ("spiffe://td/ns/q/sa/q", "/exact", "h", Some(2)),
+            ("spiffe://td/ns/q/sa/q", "/t/seg/x", "h", Some(3)),
+            ("spiffe://td/ns/q/sa/q", "/", "example.com", Some(4)),
+            ("spiffe://td/ns/w/sa/w", "/", "h", Some(5)),
+        ];
+        for (peer, path, host, want) in cases {
+            let a = Attrs {
+                principal: Some(peer),
+                http: Some(HttpAttrs {
+                    method: "GET",
+                    authority: host,
+                    path,
+                    raw_path: path,
+                    headers: &[],
+                    jwt: None,
+                }),
+                ..Default::default()
+            };
+            let got = c.evaluate(Protocol::Http, &a).deciding.map(|m| m.rule);
+            let brute = c
+                .http
+                .allow
+                .rules
+                .iter()
+                .find(|r| r.matches(&a))
+                .map(|r| r.rule);
+            assert_eq!(got, want, "{peer} {path} {host}");
+            assert_eq!(got, brute, "{peer} {path} {host}");
+        }
     }
 
     #[test]

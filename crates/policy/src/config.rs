@@ -95,10 +95,14 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Namespace-level injection: `istio-injection: enabled` or any revision label.
+    /// Namespace-level injection: `istio-injection: enabled`, or a revision label when
+    /// `istio-injection` is absent (Istio's revision webhook requires it absent, so
+    /// `istio-injection: disabled` wins over `istio.io/rev`).
     pub fn injection_enabled(&self) -> bool {
-        self.labels.get("istio-injection").map(String::as_str) == Some("enabled")
-            || self.labels.contains_key("istio.io/rev")
+        match self.labels.get("istio-injection").map(String::as_str) {
+            Some(v) => v == "enabled",
+            None => self.labels.contains_key("istio.io/rev"),
+        }
     }
 }
 
@@ -233,6 +237,28 @@ impl Loader {
             };
             let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
             let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+            if kind.is_empty()
+                && api.is_empty()
+                && !obj.is_empty()
+                && obj.keys().all(|k| !k.is_empty())
+                && obj
+                    .keys()
+                    .any(|k| MeshConfig::KNOWN_KEYS.contains(&k.as_str()))
+                && !obj.contains_key("cases")
+            {
+                // A bare MeshConfig file among the resources (as `--mesh` takes it).
+                match MeshConfig::from_value(doc.value.clone()) {
+                    Ok(m) => mesh_from_map = Some((m, doc.file.to_string(), doc.line)),
+                    Err(e) => diags.push(diag(
+                        &doc.file,
+                        doc.line_of(&e.field),
+                        None,
+                        &e.field,
+                        e.message,
+                    )),
+                }
+                continue;
+            }
             if kind.is_empty() && api.is_empty() && obj.contains_key("cases") {
                 // A `warden test` file kept next to the policies it tests.
                 cfg.skipped.push((
@@ -693,6 +719,13 @@ spec: {address: 127.0.0.5, serviceAccount: vm-sa, labels: {app: vm}, ports: {htt
         assert_eq!(cfg.workload("on", "cron").unwrap().service_account, "batch");
         assert!(sidecar("off", "vm"));
         assert_eq!(cfg.workload("off", "vm").unwrap().service_account, "vm-sa");
+        let (cfg, _) = load(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {istio-injection: disabled, istio.io/rev: canary}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: x}\n",
+        );
+        assert!(
+            !cfg.workload("x", "p").unwrap().sidecar,
+            "istio-injection: disabled beats a revision"
+        );
     }
 
     #[test]
@@ -760,5 +793,24 @@ data:
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    pathNormalization: {normalization: WEIRD}\n",
         );
         assert!(diags[0].message.contains("WEIRD"), "{diags:?}");
+
+        // Review findings: a quoted provider port (as Istio's docs write it), caCertificates
+        // trust domains, and a bare MeshConfig document among resources.
+        let (cfg, diags) = load(
+            "trustDomain: td1\ncaCertificates: [{trustDomains: [other-td]}]\nextensionProviders:\n- name: oauth2\n  envoyExtAuthzHttp: {service: oauth2.foo.svc.cluster.local, port: \"4180\"}\n",
+        );
+        assert!(diags.is_empty(), "{diags:?}");
+        let (_, s) = cfg
+            .mesh
+            .provider("oauth2")
+            .unwrap()
+            .ext_authz
+            .clone()
+            .unwrap();
+        assert_eq!(s.port, 4180);
+        assert!(cfg.mesh.accepts_trust_domain("other-td"));
+        assert!(cfg.mesh.accepts_trust_domain("td1"));
+        assert!(!cfg.mesh.accepts_trust_domain("cluster.local"));
+        assert_eq!(cfg.mesh.trust_domain_bundle(), vec!["td1"]);
     }
 }

@@ -11,12 +11,22 @@ use crate::authz::{Attrs, CompiledAuthz, HttpAttrs, Protocol, RbacResult, RuleMa
 use crate::config::{Config, Resource, Workload};
 use crate::jwt::{self, JwtOutcome, JwtProvider, KeySource, TokenRequest};
 use crate::mesh::{ExtAuthzKind, MeshConfig};
-use crate::model::{Action, JwtRule, RequestAuthenticationSpec};
+use crate::model::{JwtRule, RequestAuthenticationSpec};
 use crate::path::{normalize, split_request_target, Normalization};
 use crate::scope;
 
 /// The body Envoy's RBAC filter answers a denied HTTP request with.
 pub const RBAC_DENIED_BODY: &str = "RBAC: access denied";
+
+/// What a JWT provider writes into the request once its token is verified.
+#[derive(Debug, Clone, Default)]
+pub struct JwtOutputs {
+    /// `outputPayloadToHeader`, lowercase.
+    pub payload_header: Option<String>,
+    /// `outputClaimToHeaders`: lowercase header and the claim path (split on `.`).
+    pub claim_headers: Vec<(String, Vec<String>)>,
+    pub forward_original_token: bool,
+}
 
 /// Everything inbound enforcement needs for one workload, compiled once.
 #[derive(Debug, Clone)]
@@ -25,6 +35,10 @@ pub struct WorkloadPolicy {
     pub jwt: Vec<JwtProvider>,
     /// `namespace/name` of the RequestAuthentication behind each provider in `jwt`.
     pub jwt_sources: Vec<String>,
+    /// Output settings of each provider in `jwt`.
+    pub jwt_outputs: Vec<JwtOutputs>,
+    /// Every output header of every provider: incoming copies are removed (anti-spoofing).
+    jwt_output_headers: Vec<String>,
     pub normalization: Normalization,
     mesh: MeshConfig,
 }
@@ -57,8 +71,8 @@ pub fn inline_keys(rule: &JwtRule) -> Option<KeySource> {
 pub fn jwt_providers(
     policies: &[&Resource<RequestAuthenticationSpec>],
     jwks: &dyn JwksSource,
-) -> (Vec<JwtProvider>, Vec<String>) {
-    let mut all: Vec<(JwtProvider, String)> = Vec::new();
+) -> (Vec<JwtProvider>, Vec<String>, Vec<JwtOutputs>) {
+    let mut all: Vec<(JwtProvider, (String, JwtOutputs))> = Vec::new();
     for p in policies {
         for r in p.spec.jwt_rules.iter().flatten() {
             let provider = JwtProvider {
@@ -78,11 +92,52 @@ pub fn jwt_providers(
                 from_cookies: r.from_cookies.clone(),
                 space_delimited_claims: r.space_delimited_claims.clone(),
             };
-            all.push((provider, format!("{}/{}", p.namespace(), p.name())));
+            let outputs = JwtOutputs {
+                payload_header: (!r.output_payload_to_header.is_empty())
+                    .then(|| r.output_payload_to_header.to_ascii_lowercase()),
+                claim_headers: r
+                    .output_claim_to_headers
+                    .iter()
+                    .flatten()
+                    .map(|c| {
+                        (
+                            c.header.to_ascii_lowercase(),
+                            c.claim.split('.').map(String::from).collect(),
+                        )
+                    })
+                    .collect(),
+                forward_original_token: r.forward_original_token,
+            };
+            all.push((
+                provider,
+                (format!("{}/{}", p.namespace(), p.name()), outputs),
+            ));
         }
     }
     all.sort_by(|a, b| a.0.issuer.cmp(&b.0.issuer));
-    all.into_iter().unzip()
+    let (providers, rest): (Vec<_>, Vec<_>) = all.into_iter().unzip();
+    let (sources, outputs) = rest.into_iter().unzip();
+    (providers, sources, outputs)
+}
+
+/// A claim as Envoy writes it into a header: strings as they are, integral numbers without a
+/// fraction, booleans as words; other types produce no header.
+fn claim_header_value(payload: &serde_json::Value, path: &[String]) -> Option<String> {
+    let mut cur = payload;
+    for k in path {
+        cur = cur.get(k)?;
+    }
+    match cur {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Number(n) => Some(match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
+                format!("{}", f as i64)
+            }
+            _ => n.to_string(),
+        }),
+        _ => None,
+    }
 }
 
 /// One inbound request or connection, as the proxy sees it.
@@ -200,11 +255,24 @@ impl WorkloadPolicy {
     pub fn compile(cfg: &Config, wl: &Workload, jwks: &dyn JwksSource) -> Self {
         let aps = scope::authorization_policies(cfg, wl);
         let ras = scope::request_authentications(cfg, wl);
-        let (jwt, jwt_sources) = jwt_providers(&ras, jwks);
+        let (jwt, jwt_sources, jwt_outputs) = jwt_providers(&ras, jwks);
+        let mut jwt_output_headers: Vec<String> = jwt_outputs
+            .iter()
+            .flat_map(|o: &JwtOutputs| {
+                o.payload_header
+                    .iter()
+                    .cloned()
+                    .chain(o.claim_headers.iter().map(|(h, _)| h.clone()))
+            })
+            .collect();
+        jwt_output_headers.sort();
+        jwt_output_headers.dedup();
         WorkloadPolicy {
             authz: CompiledAuthz::compile(&aps, &cfg.mesh, wl),
             jwt,
             jwt_sources,
+            jwt_outputs,
+            jwt_output_headers,
             normalization: cfg.mesh.path_normalization,
             mesh: cfg.mesh.clone(),
         }
@@ -256,6 +324,20 @@ impl WorkloadPolicy {
             None => None,
         };
         d.path = path.as_ref().map(|p| p.to_string());
+        // `:path` as filters see it: normalized, fragment stripped, query kept.
+        let path_header: std::borrow::Cow<'_, str> = match (http, &path) {
+            (Some(h), Some(std::borrow::Cow::Borrowed(_))) => {
+                std::borrow::Cow::Borrowed(h.target.split('#').next().unwrap_or(""))
+            }
+            (Some(_), Some(p)) => match query {
+                Some(q) => std::borrow::Cow::Owned(format!("{p}?{q}")),
+                None => std::borrow::Cow::Owned(p.to_string()),
+            },
+            _ => std::borrow::Cow::Borrowed(""),
+        };
+        // Headers after the JWT filter (declared here so they outlive `attrs`).
+        let jwt_headers: Vec<(String, String)>;
+        let jwt_header_refs: Vec<(&str, &str)>;
         let remote_ip = http
             .and_then(|h| forwarded_for(h.headers))
             .or(req.source_ip);
@@ -270,7 +352,7 @@ impl WorkloadPolicy {
                 method: h.method,
                 authority: h.authority,
                 path: path.as_deref().unwrap_or(""),
-                raw_path: h.target,
+                raw_path: &path_header,
                 headers: h.headers,
                 jwt: None,
             }),
@@ -350,22 +432,80 @@ impl WorkloadPolicy {
             }
         }
 
-        // 3. JWT validation (HTTP only).
+        // 3. JWT validation (HTTP only). Like Envoy's jwt_authn filter: incoming copies of the
+        // output headers are removed whether or not a token is present, the token is verified,
+        // then the payload/claim headers are written and the token header is dropped unless
+        // `forwardOriginalToken`. Authorization sees the headers as they leave this filter.
         let payload;
         if let Some(h) = http {
             if !self.jwt.is_empty() {
+                let stripped: Vec<(&str, &str)> = h
+                    .headers
+                    .iter()
+                    .filter(|(n, _)| !self.jwt_output_headers.iter().any(|o| o == n))
+                    .copied()
+                    .collect();
                 let treq = TokenRequest {
                     method: h.method,
-                    headers: h.headers,
+                    headers: &stripped,
                     query,
                 };
                 match jwt::authenticate(&self.jwt, &treq, now_unix) {
-                    JwtOutcome::NoToken => {}
+                    JwtOutcome::NoToken => {
+                        if stripped.len() != h.headers.len() {
+                            jwt_headers = stripped
+                                .iter()
+                                .map(|(n, v)| (n.to_string(), v.to_string()))
+                                .collect();
+                            jwt_header_refs = jwt_headers
+                                .iter()
+                                .map(|(n, v)| (n.as_str(), v.as_str()))
+                                .collect();
+                            if let Some(a) = attrs.http.as_mut() {
+                                a.headers = &jwt_header_refs;
+                            }
+                        }
+                    }
                     JwtOutcome::Verified(v) => {
                         d.request_principal = v.request_principal();
+                        let out = &self.jwt_outputs[v.provider_index];
+                        let mut hs: Vec<(String, String)> = stripped
+                            .iter()
+                            .filter(|(n, _)| {
+                                out.forward_original_token
+                                    || !v.token_headers.iter().any(|t| t == n)
+                            })
+                            .map(|(n, v)| (n.to_string(), v.to_string()))
+                            .collect();
+                        if let Some(ph) = &out.payload_header {
+                            hs.push((ph.clone(), v.raw_payload.clone()));
+                        }
+                        if !out.claim_headers.is_empty() {
+                            // Claims as sent, before space-delimited splitting.
+                            let raw: Option<serde_json::Value> = base64::Engine::decode(
+                                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                                v.raw_payload.trim_end_matches('='),
+                            )
+                            .ok()
+                            .and_then(|b| serde_json::from_slice(&b).ok());
+                            for (header, claim) in &out.claim_headers {
+                                if let Some(val) =
+                                    raw.as_ref().and_then(|p| claim_header_value(p, claim))
+                                {
+                                    hs.retain(|(n, _)| n != header);
+                                    hs.push((header.clone(), val));
+                                }
+                            }
+                        }
+                        jwt_headers = hs;
+                        jwt_header_refs = jwt_headers
+                            .iter()
+                            .map(|(n, v)| (n.as_str(), v.as_str()))
+                            .collect();
                         payload = v.payload;
                         if let Some(a) = attrs.http.as_mut() {
                             a.jwt = Some(&payload);
+                            a.headers = &jwt_header_refs;
                         }
                     }
                     JwtOutcome::Failed { status, .. } => {
@@ -421,18 +561,12 @@ impl WorkloadPolicy {
             match &d.deciding {
                 Some(m) => {
                     d.step = Step::Deny;
-                    d.reason = if self.authz.policies.iter().any(|p| {
-                        p.name == m.name && p.namespace == m.namespace && p.action == Action::Custom
-                    }) {
-                        format!(
-                            "denied by rule {} of CUSTOM policy {}/{}, enforced as DENY because its provider is unusable",
+                    d.reason = match &m.bad_custom {
+                        Some(why) => format!(
+                            "denied by rule {} of CUSTOM policy {}/{}, enforced as DENY (fail closed) because {why}",
                             m.rule, m.namespace, m.name
-                        )
-                    } else {
-                        format!(
-                            "denied by rule {} of DENY policy {}/{}",
-                            m.rule, m.namespace, m.name
-                        )
+                        ),
+                        None => format!("denied by rule {} of DENY policy {}/{}", m.rule, m.namespace, m.name),
                     };
                     if m.widened_for_tcp {
                         d.reason.push_str(
@@ -445,6 +579,27 @@ impl WorkloadPolicy {
                     d.reason =
                         "ALLOW policies apply to this workload but none of their rules matched"
                             .into();
+                    if protocol == Protocol::Tcp && !self.authz.tcp_dropped_allow.is_empty() {
+                        let list: Vec<String> = self
+                            .authz
+                            .tcp_dropped_allow
+                            .iter()
+                            .take(3)
+                            .map(|r| {
+                                format!("{}/{} rule {} ({})", r.namespace, r.name, r.rule, r.field)
+                            })
+                            .collect();
+                        let more = self.authz.tcp_dropped_allow.len().saturating_sub(3);
+                        d.reason.push_str(&format!(
+                            "; on TCP, ALLOW rules with HTTP-only fields do not exist: {}{}",
+                            list.join(", "),
+                            if more > 0 {
+                                format!(" and {more} more")
+                            } else {
+                                String::new()
+                            }
+                        ));
+                    }
                 }
             }
         }

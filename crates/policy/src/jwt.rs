@@ -535,6 +535,13 @@ pub struct VerifiedJwt {
     pub payload: Value,
     /// The `issuer` configured on the provider that accepted the token (may be empty).
     pub provider_issuer: String,
+    /// Index into the providers slice of the provider that accepted the token.
+    pub provider_index: usize,
+    /// The token's payload segment exactly as sent (base64url), for `outputPayloadToHeader`.
+    pub raw_payload: String,
+    /// Lowercase names of the headers the accepted tokens came from (removed upstream unless
+    /// `forwardOriginalToken`).
+    pub token_headers: Vec<String>,
 }
 
 impl VerifiedJwt {
@@ -584,7 +591,11 @@ impl JwtOutcome {
 
 enum ProviderResult {
     Missing,
-    Verified(Value),
+    Verified {
+        payload: Value,
+        raw_payload: String,
+        headers: Vec<String>,
+    },
     Failed(JwtStatus),
 }
 
@@ -603,13 +614,20 @@ pub fn authenticate(
         return JwtOutcome::NoToken;
     }
     let mut results = Vec::with_capacity(providers.len());
-    for provider in providers {
+    for (provider_index, provider) in providers.iter().enumerate() {
         match run_provider(provider, req, now_unix) {
             // The ANY completes on its first successful child, in order.
-            ProviderResult::Verified(payload) => {
+            ProviderResult::Verified {
+                payload,
+                raw_payload,
+                headers,
+            } => {
                 return JwtOutcome::Verified(VerifiedJwt {
                     payload,
                     provider_issuer: provider.issuer.clone(),
+                    provider_index,
+                    raw_payload,
+                    token_headers: headers,
                 })
             }
             ProviderResult::Missing => results.push(JwtStatus::Missing),
@@ -665,21 +683,29 @@ fn run_provider(provider: &JwtProvider, req: &TokenRequest<'_>, now_unix: i64) -
     let mut payload = None;
     // Envoy verifies from the last extracted token backwards and stops at the first failure;
     // the payload kept is the last one verified, i.e. the first token extracted.
-    for token in tokens.iter().rev() {
+    for (token, _) in tokens.iter().rev() {
         match verify_token(provider, token, now_unix) {
             Ok(verified) => payload = Some(verified),
             Err(status) => return ProviderResult::Failed(status),
         }
     }
     match payload {
-        Some(payload) => ProviderResult::Verified(normalize_payload(payload, provider)),
+        Some((payload, raw_payload)) => {
+            let mut headers: Vec<String> = tokens.into_iter().filter_map(|(_, h)| h).collect();
+            headers.dedup();
+            ProviderResult::Verified {
+                payload: normalize_payload(payload, provider),
+                raw_payload,
+                headers,
+            }
+        }
         None => ProviderResult::Missing,
     }
 }
 
 /// Tokens in Envoy's extraction order: headers (sorted by name+prefix), then query
 /// parameters (sorted by name), then cookies (sorted by name).
-fn extract_tokens(provider: &JwtProvider, req: &TokenRequest<'_>) -> Vec<String> {
+fn extract_tokens(provider: &JwtProvider, req: &TokenRequest<'_>) -> Vec<(String, Option<String>)> {
     let mut headers: BTreeMap<String, (String, &str)> = BTreeMap::new();
     let mut params: Vec<&str> = provider.from_params.iter().map(String::as_str).collect();
     let mut cookies: Vec<&str> = provider.from_cookies.iter().map(String::as_str).collect();
@@ -706,13 +732,16 @@ fn extract_tokens(provider: &JwtProvider, req: &TokenRequest<'_>) -> Vec<String>
     for (name, prefix) in headers.values() {
         for value in req.header_values(name) {
             if prefix.is_empty() {
-                tokens.push(value.to_string());
+                tokens.push((value.to_string(), Some(name.clone())));
                 continue;
             }
             // Envoy looks for the prefix anywhere in the value, not only at the start; a value
             // without it is simply not a token for this location (e.g. `Basic ...`).
             if let Some(pos) = value.find(prefix) {
-                tokens.push(token_after(value, pos + prefix.len()).to_string());
+                tokens.push((
+                    token_after(value, pos + prefix.len()).to_string(),
+                    Some(name.clone()),
+                ));
             }
         }
     }
@@ -720,7 +749,7 @@ fn extract_tokens(provider: &JwtProvider, req: &TokenRequest<'_>) -> Vec<String>
         let parsed = parse_query(query);
         for name in &params {
             if let Some((_, value)) = parsed.iter().find(|(k, _)| k == name) {
-                tokens.push(value.clone());
+                tokens.push((value.clone(), None));
             }
         }
     }
@@ -728,7 +757,7 @@ fn extract_tokens(provider: &JwtProvider, req: &TokenRequest<'_>) -> Vec<String>
         let parsed = parse_cookies(req);
         for name in &cookies {
             if let Some((_, value)) = parsed.iter().find(|(k, _)| k == name) {
-                tokens.push((*value).to_string());
+                tokens.push(((*value).to_string(), None));
             }
         }
     }
@@ -945,7 +974,7 @@ fn verify_token(
     provider: &JwtProvider,
     token: &str,
     now_unix: i64,
-) -> Result<Map<String, Value>, JwtStatus> {
+) -> Result<(Map<String, Value>, String), JwtStatus> {
     let jwt = ParsedJwt::parse(token)?;
     if !provider.issuer.is_empty() && jwt.iss != provider.issuer {
         return Err(JwtStatus::UnknownIssuer);
@@ -966,7 +995,8 @@ fn verify_token(
         KeySource::Inline(_) | KeySource::Invalid { .. } => return Err(JwtStatus::JwksNoValidKeys),
         KeySource::Unavailable { .. } => return Err(JwtStatus::JwksFetchFail),
     }
-    Ok(jwt.payload)
+    let raw = jwt.payload_b64.to_string();
+    Ok((jwt.payload, raw))
 }
 
 /// Strips one leading `http://` or `https://` and one trailing `/`, so `https://svc/` and

@@ -29,7 +29,8 @@ pub struct OutboundTrafficPolicy {
 pub struct ExtAuthzSettings {
     #[serde(default)]
     pub service: String,
-    #[serde(default)]
+    /// Istio's proto-JSON reader accepts `8000` and `"8000"` alike (Istio's docs quote it).
+    #[serde(default, deserialize_with = "number_or_string")]
     pub port: u32,
     #[serde(default)]
     pub timeout: Option<String>,
@@ -55,6 +56,28 @@ pub struct ExtAuthzSettings {
     pub headers_to_downstream_on_allow: Vec<String>,
     #[serde(default)]
     pub include_request_body_in_check: Option<serde_json::Value>,
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum N {
+        Num(u32),
+        Str(String),
+    }
+    match N::deserialize(d)? {
+        N::Num(n) => Ok(n),
+        N::Str(s) => s.trim().parse().map_err(|_| {
+            serde::de::Error::custom(format!("invalid port \"{s}\": expected a number"))
+        }),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CaCertificate {
+    #[serde(default)]
+    trust_domains: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -87,6 +110,8 @@ struct RawMeshConfig {
     path_normalization: Option<PathNormalizationConfig>,
     #[serde(default)]
     outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    #[serde(default)]
+    ca_certificates: Vec<CaCertificate>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -100,6 +125,9 @@ pub struct MeshConfig {
     pub path_normalization: Normalization,
     /// `ALLOW_ANY` (Istio's default) or `REGISTRY_ONLY`.
     pub outbound_traffic_policy: String,
+    /// Trust domains of `caCertificates[].trustDomains`: accepted at the TLS handshake, but
+    /// not part of the principal-rewriting bundle.
+    pub ca_trust_domains: Vec<String>,
 }
 
 impl Default for MeshConfig {
@@ -111,6 +139,7 @@ impl Default for MeshConfig {
             extension_providers: Vec::new(),
             path_normalization: Normalization::Base,
             outbound_traffic_policy: "ALLOW_ANY".into(),
+            ca_trust_domains: Vec::new(),
         }
     }
 }
@@ -147,6 +176,11 @@ impl MeshConfig {
             mesh.trust_domain = td;
         }
         mesh.trust_domain_aliases = raw.trust_domain_aliases;
+        mesh.ca_trust_domains = raw
+            .ca_certificates
+            .into_iter()
+            .flat_map(|c| c.trust_domains)
+            .collect();
         if let Some(n) = raw.path_normalization.and_then(|p| p.normalization) {
             mesh.path_normalization = Normalization::parse(&n).ok_or_else(|| MeshError {
                 field: "pathNormalization.normalization".into(),
@@ -200,6 +234,26 @@ impl MeshConfig {
         }
         v
     }
+
+    /// Whether an mTLS peer of this trust domain passes the inbound handshake: the mesh trust
+    /// domain, an alias, or a trust domain of `caCertificates`.
+    pub fn accepts_trust_domain(&self, td: &str) -> bool {
+        td == self.trust_domain
+            || self.trust_domain_aliases.iter().any(|a| a == td)
+            || self.ca_trust_domains.iter().any(|a| a == td)
+    }
+
+    /// Top-level MeshConfig keys, to recognise a bare MeshConfig document among resources.
+    pub const KNOWN_KEYS: [&'static str; 8] = [
+        "rootNamespace",
+        "trustDomain",
+        "trustDomainAliases",
+        "extensionProviders",
+        "pathNormalization",
+        "outboundTrafficPolicy",
+        "caCertificates",
+        "defaultConfig",
+    ];
 
     pub fn provider(&self, name: &str) -> Option<&ExtensionProvider> {
         self.extension_providers.iter().find(|p| p.name == name)

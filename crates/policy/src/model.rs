@@ -444,7 +444,16 @@ pub struct ServiceEntrySpec {
     #[serde(default)]
     pub resolution: String,
     #[serde(default)]
-    pub workload_selector: Option<WorkloadSelector>,
+    pub workload_selector: Option<NetworkingSelector>,
     #[serde(default)]
     pub export_to: Vec<String>,
+}
+
+/// `networking.istio.io` selectors (ServiceEntry `workloadSelector`) say `labels`, unlike the
+/// security API's `matchLabels`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkingSelector {
+    #[serde(default)]
+    pub labels: Labels,
 }

@@ -70,6 +70,15 @@ pub struct Scenario {
     pub ext_authz: Option<ExtAuthzAnswer>,
 }
 
+/// Connection details a scenario may override.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    /// SNI the client sends; default: Istio's outbound SNI for sidecar mTLS to a service.
+    pub sni: Option<String>,
+    /// Destination address the proxy sees; default: a WorkloadEntry's address.
+    pub destination_ip: Option<IpAddr>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceInfo {
     /// `ns/name`, when the client is a workload.
@@ -144,39 +153,96 @@ pub fn declared_protocol(
     classify(prefix).map(|p| (p, format!("Service port name \"{n}\"")))
 }
 
+/// Protocol named by a ServiceEntry port (`protocol`, upper case in Istio), else its name.
+fn service_entry_protocol(protocol: &str, name: &str) -> Option<(Protocol, String)> {
+    if !protocol.is_empty() {
+        if let Some((p, _)) = declared_protocol(None, Some(protocol)) {
+            return Some((p, format!("ServiceEntry port protocol \"{protocol}\"")));
+        }
+    }
+    declared_protocol(Some(name), None)
+        .map(|(p, _)| (p, format!("ServiceEntry port name \"{name}\"")))
+}
+
+/// Where a dialed port lands on the destination workload.
+struct PortMap {
+    container_port: u16,
+    /// `ns/name:port` of the Service or ServiceEntry port dialed.
+    service: Option<String>,
+    protocol: Option<(Protocol, String)>,
+    /// How a client names the service: `<name>.<ns>` for a Service (curl's host), the first
+    /// host of a ServiceEntry; and the FQDN used in Istio's outbound SNI.
+    short_host: Option<String>,
+    fqdn: Option<String>,
+}
+
 /// Maps the dialed port to the container port, finding the Service port that selects it.
-fn map_port(
-    cfg: &Config,
-    wl: &Workload,
-    port: u16,
-) -> (u16, Option<String>, Option<(Protocol, String)>) {
+fn map_port(cfg: &Config, wl: &Workload, port: u16) -> PortMap {
     let mut by_target = None;
     for s in cfg.services_selecting(wl) {
         for sp in &s.spec.ports {
             let target = wl.target_port(sp).unwrap_or(0);
             let proto = declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref());
             if sp.port == port {
-                return (
-                    target,
-                    Some(format!("{}/{}:{}", s.namespace(), s.name(), sp.port)),
-                    proto,
-                );
+                return PortMap {
+                    container_port: target,
+                    service: Some(format!("{}/{}:{}", s.namespace(), s.name(), sp.port)),
+                    protocol: proto,
+                    short_host: Some(format!("{}.{}", s.name(), s.namespace())),
+                    fqdn: Some(format!("{}.{}.svc.cluster.local", s.name(), s.namespace())),
+                };
             }
             if target == port && by_target.is_none() {
                 by_target = Some(proto);
             }
         }
     }
-    (port, None, by_target.flatten())
+    // ServiceEntries select WorkloadEntries (and pods) by `workloadSelector.labels`; their
+    // ports reach the workload's port of the same name, else `targetPort`, else the number.
+    for se in cfg
+        .service_entries
+        .iter()
+        .filter(|se| se.namespace() == wl.namespace)
+    {
+        let Some(sel) = &se.spec.workload_selector else {
+            continue;
+        };
+        if sel.labels.is_empty() || !sel.labels.iter().all(|(k, v)| wl.labels.get(k) == Some(v)) {
+            continue;
+        }
+        for sp in &se.spec.ports {
+            if sp.number != u32::from(port) {
+                continue;
+            }
+            let by_name = wl
+                .ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(sp.name.as_str()))
+                .map(|p| p.container_port);
+            let target = by_name
+                .or(sp.target_port.and_then(|t| u16::try_from(t).ok()))
+                .unwrap_or(port);
+            return PortMap {
+                container_port: target,
+                service: Some(format!("{}/{}:{}", se.namespace(), se.name(), sp.number)),
+                protocol: service_entry_protocol(&sp.protocol, &sp.name),
+                short_host: se.spec.hosts.first().cloned(),
+                fqdn: se.spec.hosts.first().cloned(),
+            };
+        }
+    }
+    PortMap {
+        container_port: port,
+        service: None,
+        protocol: by_target.flatten(),
+        short_host: None,
+        fqdn: None,
+    }
 }
 
-fn default_host(svc: Option<&str>, wl: &Workload, port: u16) -> String {
-    let base = match svc {
-        Some(s) => {
-            let (nsname, _) = s.rsplit_once(':').unwrap_or((s, ""));
-            let (ns, name) = nsname.split_once('/').unwrap_or(("", nsname));
-            format!("{name}.{ns}")
-        }
+fn default_host(short_host: Option<&str>, wl: &Workload, port: u16) -> String {
+    let base = match short_host {
+        Some(h) => h.to_string(),
         None => format!("{}.{}", wl.name, wl.namespace),
     };
     if port == 80 {
@@ -202,6 +268,16 @@ fn reset(source: SourceInfo, destination: DestinationInfo, reason: String) -> Ve
 
 /// Simulates one scenario against a loaded configuration.
 pub fn simulate(cfg: &Config, sc: &Scenario, jwks: &dyn JwksSource) -> Result<Verdict, SimError> {
+    simulate_with(cfg, sc, &Connection::default(), jwks)
+}
+
+/// [`simulate`] with connection details given explicitly.
+pub fn simulate_with(
+    cfg: &Config,
+    sc: &Scenario,
+    conn: &Connection,
+    jwks: &dyn JwksSource,
+) -> Result<Verdict, SimError> {
     let (dns, dname) = &sc.to;
     let dst = cfg
         .workload(dns, dname)
@@ -218,7 +294,9 @@ pub fn simulate(cfg: &Config, sc: &Scenario, jwks: &dyn JwksSource) -> Result<Ve
         Client::Plaintext => (None, false, None),
     };
 
-    let (container_port, service, declared) = map_port(cfg, dst, sc.port);
+    let pm = map_port(cfg, dst, sc.port);
+    let (container_port, service, declared) =
+        (pm.container_port, pm.service.clone(), pm.protocol.clone());
     let (protocol, protocol_source) = match declared {
         Some(p) => p,
         None if sc.request.is_some() => (
@@ -304,7 +382,7 @@ pub fn simulate(cfg: &Config, sc: &Scenario, jwks: &dyn JwksSource) -> Result<Ve
             .strip_prefix("spiffe://")
             .and_then(|r| r.split('/').next())
             .unwrap_or("");
-        if !cfg.mesh.trust_domain_bundle().iter().any(|t| t == peer_td) {
+        if !cfg.mesh.accepts_trust_domain(peer_td) {
             return Ok(reset(
                 source,
                 destination,
@@ -340,7 +418,7 @@ pub fn simulate(cfg: &Config, sc: &Scenario, jwks: &dyn JwksSource) -> Result<Ve
                     .find(|(n, _)| n.eq_ignore_ascii_case("host"))
                     .map(|x| x.1.clone())
             })
-            .unwrap_or_else(|| default_host(service.as_deref(), dst, sc.port));
+            .unwrap_or_else(|| default_host(pm.short_host.as_deref(), dst, sc.port));
         target = if r.path.is_empty() {
             "/".into()
         } else {
@@ -356,11 +434,21 @@ pub fn simulate(cfg: &Config, sc: &Scenario, jwks: &dyn JwksSource) -> Result<Ve
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
+    // A sidecar client's auto-mTLS connection carries Istio's outbound SNI for the service.
+    let default_sni = match (&sc.from, mtls, &pm.fqdn) {
+        (Client::Workload(..), true, Some(fqdn)) => {
+            Some(format!("outbound_.{}_._.{fqdn}", sc.port))
+        }
+        _ => None,
+    };
+    let sni = conn.sni.clone().or(default_sni);
     let req = Request {
         source_ip: sc.source_ip,
-        destination_ip: dst.address.as_deref().and_then(|a| a.parse().ok()),
+        destination_ip: conn
+            .destination_ip
+            .or_else(|| dst.address.as_deref().and_then(|a| a.parse().ok())),
         destination_port: container_port,
-        sni: None,
+        sni: sni.as_deref(),
         peer: source.identity.as_deref(),
         http: sc.request.as_ref().map(|_| HttpRequest {
             method: &method,
@@ -388,4 +476,136 @@ pub fn simulate(cfg: &Config, sc: &Scenario, jwks: &dyn JwksSource) -> Result<Ve
         reason,
         decision: Some(decision),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Loader;
+    use crate::engine::InlineJwksOnly;
+
+    fn cfg(text: &str) -> Config {
+        let mut l = Loader::new();
+        l.add_text("t.yaml", text);
+        let (c, d) = l.finish();
+        assert!(d.is_empty(), "{d:?}");
+        c
+    }
+
+    fn run(c: &Config, from: &str, to: &str, port: u16, http: bool, conn: &Connection) -> Verdict {
+        let (ns, name) = to.split_once('/').unwrap();
+        let sc = Scenario {
+            from: Client::parse(from).unwrap(),
+            to: (ns.into(), name.into()),
+            port,
+            source_ip: None,
+            request: http.then(HttpSpec::default),
+            now_unix: 0,
+            ext_authz: None,
+        };
+        simulate_with(c, &sc, conn, &InlineJwksOnly).unwrap()
+    }
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: legacy}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sleep, namespace: legacy}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sleep, namespace: foo}
+spec: {template: {spec: {serviceAccountName: sleep}}}
+"#;
+
+    /// Review finding: a ServiceEntry port reaches the WorkloadEntry port of the same name,
+    /// and the port-level mode of that port applies.
+    #[test]
+    fn service_entry_ports_map_to_workload_entry_ports() {
+        let c = cfg(&format!(
+            "{BASE}---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm1, namespace: foo}}\nspec: {{address: 127.0.0.9, labels: {{app: vm}}, ports: {{tcp-db: 3307}}}}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: foo}}\nspec:\n  hosts: [db.example.internal]\n  ports: [{{number: 3306, name: tcp-db, protocol: TCP}}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  workloadSelector: {{labels: {{app: vm}}}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: vm, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: vm}}}}\n  mtls: {{mode: PERMISSIVE}}\n  portLevelMtls: {{3307: {{mode: STRICT}}}}\n"
+        ));
+        let v = run(
+            &c,
+            "legacy/sleep",
+            "foo/vm1",
+            3306,
+            false,
+            &Connection::default(),
+        );
+        assert_eq!(v.destination.container_port, 3307);
+        assert_eq!(v.destination.protocol, Protocol::Tcp);
+        assert_eq!(v.result, Outcome::Reset, "{}", v.reason);
+    }
+
+    /// Review finding: `connection.sni` sees Istio's outbound SNI of a sidecar client, and
+    /// `destination.ip` the address given.
+    #[test]
+    fn sni_and_destination_ip() {
+        let c = cfg(&format!(
+            "{BASE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: foo}}\nspec: {{selector: {{app: web}}, ports: [{{name: http, port: 8000, targetPort: 80}}]}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: foo}}\nspec: {{template: {{metadata: {{labels: {{app: web}}}}}}}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec:\n  rules: [{{when: [{{key: connection.sni, values: [\"outbound_.8000_._.web.foo.svc.cluster.local\"]}}]}}, {{when: [{{key: destination.ip, values: [10.0.0.0/8]}}]}}]\n"
+        ));
+        let v = run(
+            &c,
+            "foo/sleep",
+            "foo/web",
+            8000,
+            true,
+            &Connection::default(),
+        );
+        assert_eq!(v.result, Outcome::Allow, "{}", v.reason);
+        let v = run(
+            &c,
+            "legacy/sleep",
+            "foo/web",
+            8000,
+            true,
+            &Connection::default(),
+        );
+        assert_eq!(
+            v.result,
+            Outcome::Deny,
+            "plaintext sends no SNI: {}",
+            v.reason
+        );
+        let conn = Connection {
+            sni: None,
+            destination_ip: Some("10.1.2.3".parse().unwrap()),
+        };
+        let v = run(&c, "legacy/sleep", "foo/web", 8000, true, &conn);
+        assert_eq!(v.result, Outcome::Allow, "{}", v.reason);
+    }
+
+    /// Review finding: trust domains of meshConfig.caCertificates pass the handshake.
+    #[test]
+    fn ca_certificate_trust_domains_pass_the_handshake() {
+        let c = cfg(&format!(
+            "{BASE}---\ntrustDomain: td1\ncaCertificates: [{{trustDomains: [other-td]}}]\n"
+        ));
+        let v = run(
+            &c,
+            "spiffe://other-td/ns/foo/sa/x",
+            "foo/sleep",
+            80,
+            true,
+            &Connection::default(),
+        );
+        assert_eq!(v.result, Outcome::Allow, "{}", v.reason);
+        let v = run(
+            &c,
+            "spiffe://evil/ns/foo/sa/x",
+            "foo/sleep",
+            80,
+            true,
+            &Connection::default(),
+        );
+        assert_eq!(v.result, Outcome::Reset);
+    }
 }

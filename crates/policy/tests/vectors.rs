@@ -445,3 +445,137 @@ fn dry_run_allow_does_not_default_deny() {
     );
     assert_eq!(run(&cfg, &http("GET", "/")).0, "allow");
 }
+
+/// Review finding: a client must not be able to spoof a claim header that a
+/// RequestAuthentication writes (Envoy removes incoming copies before verification).
+#[test]
+fn claim_headers_cannot_be_spoofed() {
+    let cfg = config(&format!(
+        "{}{}",
+        ra("iss1", "    outputClaimToHeaders: [{header: x-role, claim: role}]\n    outputPayloadToHeader: x-jwt-payload"),
+        ap("p", "ALLOW", "  rules: [{when: [{key: \"request.headers[x-role]\", values: [admin]}]}]")
+    ));
+    let mut r = http("GET", "/");
+    r.headers = vec![("x-role", "admin".into())];
+    assert_eq!(run(&cfg, &r).0, "deny", "spoofed header without a token");
+    let user = token(serde_json::json!({"iss": "iss1", "sub": "u", "role": "user"}));
+    r.headers = vec![
+        ("x-role", "admin".into()),
+        ("authorization", format!("Bearer {user}")),
+    ];
+    assert_eq!(
+        run(&cfg, &r).0,
+        "deny",
+        "spoofed header with a token whose role is user"
+    );
+    let admin = token(serde_json::json!({"iss": "iss1", "sub": "u", "role": "admin"}));
+    r.headers = vec![("authorization", format!("Bearer {admin}"))];
+    assert_eq!(
+        run(&cfg, &r).0,
+        "allow",
+        "header written from the verified claim"
+    );
+}
+
+/// The token header is gone after verification unless forwardOriginalToken; the payload
+/// header carries the token's payload segment.
+#[test]
+fn token_header_removed_and_payload_forwarded() {
+    let t = token(serde_json::json!({"iss": "iss1", "sub": "u"}));
+    let payload_segment = t.split('.').nth(1).unwrap().to_string();
+    let cfg = config(&format!(
+        "{}{}",
+        ra("iss1", "    outputPayloadToHeader: x-jwt-payload"),
+        ap(
+            "p",
+            "ALLOW",
+            &format!("  rules: [{{when: [{{key: \"request.headers[x-jwt-payload]\", values: [\"{payload_segment}\"]}}, {{key: \"request.headers[authorization]\", notValues: [\"*\"]}}]}}]")
+        )
+    ));
+    let mut r = http("GET", "/");
+    r.headers = vec![("authorization", format!("Bearer {t}"))];
+    assert_eq!(run(&cfg, &r).0, "allow");
+}
+
+/// Review finding: `request.headers[:path]` sees Envoy's normalized path (query kept,
+/// fragment stripped), not the path as sent.
+#[test]
+fn path_header_is_normalized() {
+    let cfg = config(&ap(
+        "d",
+        "DENY",
+        "  rules: [{when: [{key: \"request.headers[:path]\", values: [\"/admin*\"]}]}]",
+    ));
+    for p in ["/public/../admin", "/%61dmin", "/admin#x", "/admin?q=1"] {
+        let mut r = http("GET", "/");
+        r.http = Some(("GET", p, "server.foo:8080"));
+        assert_eq!(run(&cfg, &r).0, "deny", "{p}");
+    }
+    assert_eq!(run(&cfg, &http("GET", "/public")).0, "allow");
+}
+
+/// Review finding: a TCP denial caused by ALLOW rules that only exist for HTTP says so, and
+/// CUSTOM rules carry Envoy's ext-authz ids.
+#[test]
+fn explanations_name_dropped_rules_and_custom_ids() {
+    let cfg = config(&ap(
+        "p",
+        "ALLOW",
+        "  rules: [{from: [{source: {principals: [\"*\"]}}], to: [{operation: {methods: [GET]}}]}]",
+    ));
+    let wl = cfg.workload("foo", "server").unwrap();
+    let p = WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly);
+    let req = Request {
+        destination_port: 9090,
+        peer: Some("spiffe://cluster.local/ns/a/sa/b"),
+        ..Default::default()
+    };
+    let d = p
+        .evaluate(&req, Protocol::Tcp, NOW, &mut |_, _| None)
+        .unwrap();
+    assert_eq!(d.outcome.as_str(), "reset");
+    assert!(d.reason.contains("foo/p rule 0 (methods)"), "{}", d.reason);
+
+    let mesh = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |\n    extensionProviders: [{name: ext, envoyExtAuthzGrpc: {service: ext.foo.svc.cluster.local, port: 9000}}]\n---\n";
+    let custom = |provider: &str| {
+        ap(
+            "c",
+            "CUSTOM",
+            "  rules: [{to: [{operation: {ports: [\"9090\"]}}]}]",
+        )
+        .replace(
+            "  action: CUSTOM\n",
+            &format!("  action: CUSTOM\n  provider: {{name: {provider}}}\n"),
+        )
+    };
+    let cfg = config(&format!("{mesh}{}", custom("ext")));
+    let wl = cfg.workload("foo", "server").unwrap();
+    let p = WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly);
+    let mut asked = String::new();
+    let d = p
+        .evaluate(&req, Protocol::Tcp, NOW, &mut |_, rule| {
+            asked = rule.envoy_id();
+            Some(warden_policy::engine::ExtAuthzAnswer::Deny)
+        })
+        .unwrap();
+    assert_eq!(d.outcome.as_str(), "reset");
+    assert_eq!(asked, "istio-ext-authz-ext-ns[foo]-policy[c]-rule[0]");
+
+    let cfg = config(&format!("{mesh}{}", custom("missing")));
+    let wl = cfg.workload("foo", "server").unwrap();
+    let p = WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly);
+    let d = p
+        .evaluate(&req, Protocol::Tcp, NOW, &mut |_, _| None)
+        .unwrap();
+    assert_eq!(d.outcome.as_str(), "reset");
+    let m = d.deciding.unwrap();
+    assert_eq!(
+        m.envoy_id(),
+        "ns[foo]-policy[c]-rule[0]-deny-due-to-bad-CUSTOM-action"
+    );
+    assert!(
+        d.reason.contains("fail closed") && d.reason.contains("missing"),
+        "{}",
+        d.reason
+    );
+}

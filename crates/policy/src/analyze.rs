@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::authz::{is_dry_run, Protocol};
+use crate::authz::{custom_provider_problem, is_dry_run, CompiledAuthz, Protocol};
 use crate::config::{Config, Resource, Workload};
 use crate::diag::{Diagnostic, Reporter, Severity};
 use crate::model::*;
@@ -38,6 +38,10 @@ pub fn analyze(cfg: &Config) -> Vec<Diagnostic> {
     unmerged_slashes(cfg, &mut out);
     ignored_peer_authentications(cfg, &mut out);
     split_from_to(cfg, &mut out);
+    split_across_rules(cfg, &mut out);
+    refused_custom(cfg, &mut out);
+    envoy_filter_keys(cfg, &mut out);
+    unresolved_target_ports(cfg, &mut out);
     root_selector_peer_authentications(cfg, &mut out);
     target_ref_policies(cfg, &mut out);
     // Stable: findings on one line keep the order the checks ran in.
@@ -1050,6 +1054,181 @@ fn split_from_to(cfg: &Config, out: &mut Vec<Diagnostic>) {
     }
 }
 
+/// A rule with only `from` next to a rule with only `to`: each rule is an alternative, so the
+/// `to` rule applies to every source (and the `from` rule to every operation). Usually one
+/// rule with both was meant.
+fn split_across_rules(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    // (has from, has to, has when)
+    let shape = |r: &Rule| {
+        (
+            sources(r).next().is_some(),
+            operations(r).next().is_some(),
+            conditions(r).next().is_some(),
+        )
+    };
+    for p in &cfg.authorization_policies {
+        let all: Vec<(usize, &Rule)> = rules(p).map(|(i, _, r)| (i, r)).collect();
+        let only_from = all.iter().find(|(_, r)| shape(r) == (true, false, false));
+        let only_to = all.iter().find(|(_, r)| shape(r) == (false, true, false));
+        let (Some((f, _)), Some((t, _))) = (only_from, only_to) else {
+            continue;
+        };
+        let effect = match p.spec.action {
+            Action::Allow => "allows",
+            Action::Deny => "denies",
+            Action::Audit => "audits",
+            Action::Custom => "sends to the provider",
+        };
+        p.reporter(out).push(
+            Severity::Warning,
+            "WRD0109",
+            "spec.rules",
+            format!(
+                "rules[{f}] has only `from` and rules[{t}] only `to`: each rule is an alternative \
+                 (OR), so this policy {effect} rules[{t}]'s operations from every source and \
+                 anything from rules[{f}]'s sources; to require both, put `from` and `to` in one rule"
+            ),
+        );
+    }
+}
+
+// ------------------------------------------------------------------ WRD0112
+
+/// CUSTOM policies Istio enforces as DENY: the provider is unusable, or a workload has more
+/// than one CUSTOM provider. Either way everything they match gets 403.
+fn refused_custom(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    let enforced_custom = |p: &Resource<AuthorizationPolicySpec>| {
+        p.spec.action == Action::Custom && !is_dry_run(&p.meta) && !p.spec.has_target_refs()
+    };
+    // Policy (namespace, name) → reason → workloads; the engine decides, per workload.
+    let mut refused: BTreeMap<(String, String), BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for wl in &cfg.workloads {
+        let attached = scope::authorization_policies(cfg, wl);
+        if !attached.iter().any(|p| enforced_custom(p)) {
+            continue;
+        }
+        let compiled = CompiledAuthz::compile(&attached, &cfg.mesh, wl);
+        for info in &compiled.policies {
+            if let (Action::Custom, false, Some(why)) =
+                (info.action, info.dry_run, &info.bad_custom)
+            {
+                refused
+                    .entry((info.namespace.clone(), info.name.clone()))
+                    .or_default()
+                    .entry(why.clone())
+                    .or_default()
+                    .push(wl.id());
+            }
+        }
+    }
+    for p in &cfg.authorization_policies {
+        if !enforced_custom(p) {
+            continue;
+        }
+        let name = p.spec.provider.as_ref().map_or("", |x| x.name.as_str());
+        // A missing provider name is a validation error already.
+        if name.is_empty() {
+            continue;
+        }
+        let mut reasons = refused
+            .remove(&(p.namespace().to_string(), p.name().to_string()))
+            .unwrap_or_default();
+        // An unusable provider is a problem even when no workload in the input is selected.
+        if let Some(why) = custom_provider_problem(&cfg.mesh, name) {
+            reasons.entry(why).or_default();
+        }
+        for (why, workloads) in reasons {
+            let on = if workloads.is_empty() {
+                "every workload it selects".to_string()
+            } else {
+                short_list(&workloads)
+            };
+            p.reporter(out).push(
+                Severity::Warning,
+                "WRD0112",
+                "spec.provider.name",
+                format!(
+                    "this CUSTOM policy cannot use provider \"{name}\" ({why}): Istio enforces its rules \
+                     as DENY instead, so every request they match on {on} gets 403"
+                ),
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0113
+
+fn envoy_filter_keys(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    for p in &cfg.authorization_policies {
+        let effect = match p.spec.action {
+            Action::Allow => "so this rule allows nothing",
+            Action::Deny => "so this rule never denies",
+            Action::Audit => "so this rule never audits",
+            Action::Custom => "so this rule never reaches the provider",
+        };
+        let mut r = p.reporter(out);
+        for (_, base, rule) in rules(p) {
+            for (j, c) in conditions(rule) {
+                if c.key.starts_with("experimental.envoy.filters.") {
+                    r.push(
+                        Severity::Warning,
+                        "WRD0113",
+                        &format!("{base}.when[{j}].key"),
+                        format!(
+                            "Warden has no Envoy filter metadata: this condition never matches \
+                             ({effect}); Istio matches {} against other Envoy filters' metadata",
+                            c.key
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ WRD0114
+
+/// Service ports whose named `targetPort` is not a port name of a workload the Service
+/// selects: Kubernetes has no endpoint port for that pod, so traffic to it goes nowhere.
+fn unresolved_target_ports(cfg: &Config, out: &mut Vec<Diagnostic>) {
+    for (si, s) in cfg.services.iter().enumerate() {
+        for (k, sp) in s.spec.ports.iter().enumerate() {
+            let Some(IntOrString::String(target)) = &sp.target_port else {
+                continue;
+            };
+            let missing: Vec<String> = cfg
+                .workloads
+                .iter()
+                .filter(|wl| {
+                    cfg.services_selecting(wl)
+                        .any(|x| std::ptr::eq(x, &cfg.services[si]))
+                        && wl.target_port(sp).is_none()
+                })
+                .map(Workload::id)
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let port = match &sp.name {
+                Some(n) if !n.is_empty() => format!("port {} (\"{n}\")", sp.port),
+                _ => format!("port {}", sp.port),
+            };
+            s.reporter(out).push(
+                Severity::Warning,
+                "WRD0114",
+                &format!("spec.ports[{k}].targetPort"),
+                format!(
+                    "targetPort \"{target}\" of {port} names no container port of {}: Kubernetes \
+                     routes this Service port to no pod of {}, so connections to it fail; name the \
+                     container port \"{target}\" or use a port number",
+                    short_list(&missing),
+                    if missing.len() == 1 { "it" } else { "them" }
+                ),
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------------ WRD0111
 
 fn target_ref_policies(cfg: &Config, out: &mut Vec<Diagnostic>) {
@@ -1632,6 +1811,159 @@ spec:
         ] {
             expect_none(&run(&[MESH_STRICT, &ap("p", "foo", ok)]), "WRD0109");
         }
+    }
+
+    #[test]
+    fn wrd0109_split_across_rules() {
+        let split = ap(
+            "p",
+            "foo",
+            "rules:\n- from:\n  - source: {namespaces: [bar]}\n- to:\n  - operation: {paths: [/admin]}",
+        );
+        let d = run(&[MESH_STRICT, &split]);
+        let f = expect_one(&d, "WRD0109");
+        assert_eq!(f.field.as_deref(), Some("spec.rules"));
+        assert!(
+            f.message
+                .contains("rules[0] has only `from` and rules[1] only `to`"),
+            "{f}"
+        );
+        assert!(
+            f.message
+                .contains("allows rules[1]'s operations from every source"),
+            "{f}"
+        );
+        let deny = split.replace("spec:\n", "spec:\n  action: DENY\n");
+        assert!(expect_one(&run(&[MESH_STRICT, &deny]), "WRD0109")
+            .message
+            .contains("denies"));
+        for ok in [
+            // One rule with both: AND, as meant.
+            "rules:\n- from:\n  - source: {namespaces: [bar]}\n  to:\n  - operation: {paths: [/admin]}",
+            // Two rules of the same shape, or a `to` rule that is otherwise constrained.
+            "rules:\n- from:\n  - source: {namespaces: [bar]}\n- from:\n  - source: {namespaces: [baz]}",
+            "rules:\n- from:\n  - source: {namespaces: [bar]}\n- to:\n  - operation: {paths: [/admin]}\n  when:\n  - {key: source.ip, values: [10.0.0.1]}",
+        ] {
+            expect_none(&run(&[MESH_STRICT, &ap("p", "foo", ok)]), "WRD0109");
+        }
+    }
+
+    const PROVIDERS: &str = "extensionProviders:
+- {name: ext-a, envoyExtAuthzHttp: {service: a.foo.svc.cluster.local, port: 8000}}
+- {name: ext-b, envoyExtAuthzGrpc: {service: b.foo.svc.cluster.local, port: 9000}}
+- {name: bad, envoyExtAuthzHttp: {service: c.foo.svc.cluster.local, port: 8000, headersToUpstreamOnAllow: [\"*\"]}}
+";
+
+    fn custom(name: &str, provider: &str, app: &str) -> String {
+        ap(
+            name,
+            "foo",
+            &format!("action: CUSTOM\nprovider: {{name: {provider}}}\nselector:\n  matchLabels: {{app: {app}}}\nrules:\n- to:\n  - operation: {{paths: [/x]}}"),
+        )
+    }
+
+    #[test]
+    fn wrd0112_refused_custom() {
+        // One usable provider per workload: fine.
+        let a_web = custom("a", "ext-a", "web");
+        let b_db = custom("b", "ext-b", "db");
+        expect_none(
+            &run_with_mesh(&[BASE, MESH_STRICT, &a_web, &b_db], Some(PROVIDERS)),
+            "WRD0112",
+        );
+        // Two providers on web: both policies are refused there, and say where.
+        let b_web = custom("b", "ext-b", "web");
+        let d = run_with_mesh(&[BASE, MESH_STRICT, &a_web, &b_web], Some(PROVIDERS));
+        let found = with_code(&d, "WRD0112");
+        assert_eq!(found.len(), 2, "{d:#?}");
+        for f in &found {
+            assert_eq!(f.severity, Severity::Warning);
+            assert_eq!(f.field.as_deref(), Some("spec.provider.name"));
+            assert!(f.message.contains("found ext-a, ext-b"), "{f}");
+            assert!(f.message.contains("on foo/web gets 403"), "{f}");
+        }
+        // A dry-run CUSTOM policy never reaches a provider, so it does not count.
+        let b_dry = b_web.replace(
+            "namespace: foo}",
+            "namespace: foo, annotations: {istio.io/dry-run: \"true\"}}",
+        );
+        expect_none(
+            &run_with_mesh(&[BASE, MESH_STRICT, &a_web, &b_dry], Some(PROVIDERS)),
+            "WRD0112",
+        );
+        // An unusable or unknown provider.
+        for (provider, why) in [
+            ("bad", "a lone \"*\""),
+            ("nope", "not defined in meshConfig.extensionProviders"),
+        ] {
+            let d = run_with_mesh(
+                &[BASE, MESH_STRICT, &custom("c", provider, "db")],
+                Some(PROVIDERS),
+            );
+            let f = expect_one(&d, "WRD0112");
+            assert!(f.message.contains(why), "{f}");
+            assert!(f.message.contains("on foo/db gets 403"), "{f}");
+        }
+        // No workloads in the input: the bad provider is still reported.
+        let d = run_with_mesh(&[MESH_STRICT, &custom("c", "nope", "db")], Some(PROVIDERS));
+        assert!(expect_one(&d, "WRD0112")
+            .message
+            .contains("every workload it selects"));
+    }
+
+    #[test]
+    fn wrd0113_envoy_filter_keys() {
+        let p = ap(
+            "p",
+            "foo",
+            "rules:\n- when:\n  - {key: \"experimental.envoy.filters.network.mysql_proxy[db.table]\", values: [\"[update]\"]}",
+        );
+        let d = run(&[MESH_STRICT, &p]);
+        let f = expect_one(&d, "WRD0113");
+        assert_eq!(f.severity, Severity::Warning);
+        assert_eq!(f.field.as_deref(), Some("spec.rules[0].when[0].key"));
+        assert!(
+            f.message
+                .starts_with("Warden has no Envoy filter metadata: this condition never matches"),
+            "{f}"
+        );
+        assert!(f.message.contains("allows nothing"), "{f}");
+        let ok = ap(
+            "p",
+            "foo",
+            "rules:\n- when:\n  - {key: \"request.headers[x-envoy-filters]\", values: [a]}",
+        );
+        expect_none(&run(&[MESH_STRICT, &ok]), "WRD0113");
+    }
+
+    #[test]
+    fn wrd0114_unresolved_target_port() {
+        let named = |target: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web2, namespace: foo}}\nspec:\n  selector: {{app: web}}\n  ports:\n  - {{name: http, port: 80, targetPort: {target}}}\n"
+            )
+        };
+        let with_name = BASE.replace(
+            "        - containerPort: 8080",
+            "        - containerPort: 8080\n          name: web-http",
+        );
+        let d = run(&[&with_name, MESH_STRICT, &named("nope")]);
+        let f = expect_one(&d, "WRD0114");
+        assert_eq!(f.severity, Severity::Warning);
+        assert_eq!(f.resource.as_deref(), Some("Service foo/web2"));
+        assert_eq!(f.field.as_deref(), Some("spec.ports[0].targetPort"));
+        assert!(
+            f.message.contains(
+                "targetPort \"nope\" of port 80 (\"http\") names no container port of foo/web"
+            ),
+            "{f}"
+        );
+        for ok in ["web-http", "8080"] {
+            expect_none(&run(&[&with_name, MESH_STRICT, &named(ok)]), "WRD0114");
+        }
+        // A Service selecting no workload routes nowhere for another reason (not this check).
+        let other = named("nope").replace("app: web", "app: nobody");
+        expect_none(&run(&[&with_name, MESH_STRICT, &other]), "WRD0114");
     }
 
     #[test]

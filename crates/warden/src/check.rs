@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use warden_policy::engine::{ExtAuthzAnswer, Outcome};
-use warden_policy::simulate::{simulate, Client, HttpSpec, Scenario};
+use warden_policy::simulate::{simulate, Client, HttpSpec, Scenario, SimError};
 
 use crate::{input, jwks_fetch, render, ConfigArgs, Format};
 
@@ -71,16 +71,21 @@ pub struct CheckArgs {
     output: Format,
 }
 
+/// The system clock in Unix seconds.
+pub fn clock_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 pub fn now_or(now: Option<&str>) -> Result<i64> {
     match now {
         Some(s) => match input::parse_rfc3339(s) {
             Some(t) => Ok(t),
             None => bail!("--now \"{s}\" is not an RFC 3339 time such as 2026-06-01T00:00:00Z"),
         },
-        None => Ok(std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)),
+        None => Ok(clock_now()),
     }
 }
 
@@ -106,6 +111,9 @@ fn parse_header(h: &str) -> Result<(String, String)> {
 fn scenario(a: &CheckArgs) -> Result<Scenario> {
     let from = Client::parse(&a.from).map_err(|e| anyhow::anyhow!("--from {e}"))?;
     let to = parse_to(&a.to)?;
+    if a.port == 0 {
+        bail!("--port 0 is not a port: give the port the client dials (1-65535)");
+    }
     let http_flags = a.method.is_some()
         || a.path.is_some()
         || a.host.is_some()
@@ -148,7 +156,13 @@ pub fn run(a: &CheckArgs, verbose: bool) -> Result<ExitCode> {
     let sc = scenario(a)?;
     let cfg = crate::load_checked(&a.config, verbose)?;
     let jwks = jwks_fetch::Fetched::for_config(&cfg);
-    let v = simulate(&cfg, &sc, &jwks)?;
+    let v = simulate(&cfg, &sc, &jwks).map_err(|e| match e {
+        // The engine words the hint for test files (`extAuthz:`); here it is a flag.
+        SimError::NeedExtAuthz(what) => {
+            anyhow::anyhow!("{what}; give the provider's answer with --ext-authz allow|deny|error")
+        }
+        e => e.into(),
+    })?;
     match a.output {
         Format::Json => say!(
             "{}",

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
-use warden_policy::authz::is_dry_run;
-use warden_policy::model::{Action, MtlsMode, Rule};
+use warden_policy::authz::{is_dry_run, CompiledAuthz};
+use warden_policy::config::Resource;
+use warden_policy::model::{Action, AuthorizationPolicySpec, MtlsMode, Rule, Source};
 use warden_policy::scope;
 use warden_policy::simulate::declared_protocol;
 
@@ -34,6 +35,14 @@ struct PortOut {
     set_by: String,
 }
 
+/// The mode of every port not listed: the workload-wide result of mesh → namespace →
+/// workload PeerAuthentication (port-level settings do not reach it).
+#[derive(Serialize)]
+struct OtherPortsOut {
+    mtls_mode: &'static str,
+    set_by: String,
+}
+
 #[derive(Serialize)]
 struct JwtOut {
     issuer: String,
@@ -49,6 +58,10 @@ struct PolicyOut {
     action: &'static str,
     dry_run: bool,
     provider: Option<String>,
+    /// Why this CUSTOM policy is enforced as DENY instead (provider unusable, or more than one
+    /// CUSTOM provider on the workload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bad_custom: Option<String>,
     rules: Vec<String>,
 }
 
@@ -61,6 +74,7 @@ struct DescribeOut {
     identity: String,
     labels: std::collections::BTreeMap<String, String>,
     ports: Vec<PortOut>,
+    other_ports: OtherPortsOut,
     jwt_rules: Vec<JwtOut>,
     policies: Vec<PolicyOut>,
     summary: Vec<String>,
@@ -187,6 +201,10 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
             set_by: m.describe(),
         });
     }
+    let other_ports = OtherPortsOut {
+        mtls_mode: pa.base.mode.as_str(),
+        set_by: pa.base.describe(),
+    };
     let jwt_rules: Vec<JwtOut> = scope::request_authentications(&cfg, wl)
         .iter()
         .flat_map(|ra| {
@@ -202,7 +220,11 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
             })
         })
         .collect();
-    let mut policies: Vec<PolicyOut> = scope::authorization_policies(&cfg, wl)
+    let attached = scope::authorization_policies(&cfg, wl);
+    // The engine decides which CUSTOM policies are enforced as DENY (unusable provider, or
+    // more than one provider on this workload); describe must not say otherwise.
+    let compiled = CompiledAuthz::compile(&attached, &cfg.mesh, wl);
+    let mut policies: Vec<PolicyOut> = attached
         .iter()
         .map(|p| PolicyOut {
             namespace: p.namespace().into(),
@@ -210,6 +232,11 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
             action: p.spec.action.as_str(),
             dry_run: is_dry_run(&p.meta),
             provider: p.spec.provider.as_ref().map(|x| x.name.clone()),
+            bad_custom: compiled
+                .policies
+                .iter()
+                .find(|i| i.namespace == p.namespace() && i.name == p.name())
+                .and_then(|i| i.bad_custom.clone()),
             rules: p.spec.rules.iter().flatten().map(rule_text).collect(),
         })
         .collect();
@@ -226,21 +253,7 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
         summary
             .push("no sidecar: nothing is enforced, anyone who can reach the pod is let in".into());
     } else {
-        let plain: Vec<String> = port_out
-            .iter()
-            .filter(|p| p.mtls_mode != MtlsMode::Strict.as_str())
-            .map(|p| p.port.to_string())
-            .collect();
-        if plain.is_empty() {
-            summary.push(
-                "mTLS is required on every port: only workloads with a mesh identity get in".into(),
-            );
-        } else {
-            summary.push(format!(
-                "plaintext is accepted on port(s) {} (identity-based rules cannot match those clients)",
-                plain.join(", ")
-            ));
-        }
+        summary.push(mtls_summary(&port_out, &other_ports));
         let enforced = |act: &str| {
             policies
                 .iter()
@@ -249,37 +262,60 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
         };
         let deny = enforced(Action::Deny.as_str());
         let allow = enforced(Action::Allow.as_str());
-        if enforced(Action::Custom.as_str()) > 0 {
+        let custom = Action::Custom.as_str();
+        if policies
+            .iter()
+            .any(|p| p.action == custom && !p.dry_run && p.bad_custom.is_none())
+        {
             summary
                 .push("matching requests are first sent to an external authorizer (CUSTOM)".into());
         }
-        if !jwt_rules.is_empty() {
-            let required = policies.iter().any(|p| {
-                p.action == "ALLOW"
-                    && !p.dry_run
-                    && p.rules
-                        .iter()
-                        .any(|r| r.contains("requestPrincipals") || r.contains("request.auth"))
-            });
+        // One line per reason: with two providers every CUSTOM policy shares it.
+        let mut refused: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for p in policies.iter().filter(|p| p.action == custom && !p.dry_run) {
+            if let Some(why) = &p.bad_custom {
+                refused
+                    .entry(why.as_str())
+                    .or_default()
+                    .push(format!("{}/{}", p.namespace, p.name));
+            }
+        }
+        for (why, names) in refused {
             summary.push(format!(
-                "JWTs from {} are validated (invalid ones get 401){}",
+                "requests matching CUSTOM {} {} are denied (403, fail closed), not sent to an \
+                 external authorizer: {why}",
+                if names.len() == 1 {
+                    "policy"
+                } else {
+                    "policies"
+                },
+                names.join(", ")
+            ));
+        }
+        if !jwt_rules.is_empty() {
+            let requirement = match token_required_by(&attached) {
+                Some(TokenRule::Deny(name)) => {
+                    format!("; DENY policy {name} rejects requests without a token")
+                }
+                Some(TokenRule::Allow) => "; ALLOW rules require a token".into(),
+                None => {
+                    "; requests without a token are NOT rejected by RequestAuthentication alone"
+                        .into()
+                }
+            };
+            summary.push(format!(
+                "JWTs from {} are validated (invalid ones get 401){requirement}",
                 jwt_rules
                     .iter()
                     .map(|j| j.issuer.clone())
                     .collect::<Vec<_>>()
                     .join(", "),
-                if required {
-                    "; ALLOW rules require a token"
-                } else {
-                    "; requests without a token are NOT rejected by RequestAuthentication alone"
-                }
             ));
         }
-        if deny > 0 {
-            summary.push(format!(
-                "{} reject matching requests first",
-                plural(deny, "DENY policy", "DENY policies")
-            ));
+        match deny {
+            0 => {}
+            1 => summary.push("a DENY policy rejects matching requests first".into()),
+            n => summary.push(format!("{n} DENY policies reject matching requests first")),
         }
         match allow {
             0 => summary.push("no ALLOW policy: everything not denied is allowed".into()),
@@ -312,6 +348,7 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
         identity: wl.spiffe_id(&cfg.mesh.trust_domain),
         labels: wl.labels.clone(),
         ports: port_out,
+        other_ports,
         jwt_rules,
         policies,
         summary,
@@ -321,6 +358,80 @@ pub fn run(a: &DescribeArgs, verbose: bool) -> Result<ExitCode> {
         Format::Text => crate::emit(&text(&out)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where plaintext is accepted: listed ports that are not STRICT, and every other port when
+/// the workload-wide mode is not STRICT (port-level STRICT protects only the ports it names).
+fn mtls_summary(ports: &[PortOut], other: &OtherPortsOut) -> String {
+    let strict = MtlsMode::Strict.as_str();
+    let plain: Vec<String> = ports
+        .iter()
+        .filter(|p| p.mtls_mode != strict)
+        .map(|p| p.port.to_string())
+        .collect();
+    let mode = other.mtls_mode;
+    let open = match (plain.is_empty(), mode == strict) {
+        (true, true) => {
+            return "mTLS is required on every port: only workloads with a mesh identity get in"
+                .into()
+        }
+        (false, true) => format!("port(s) {}", plain.join(", ")),
+        (true, false) if ports.is_empty() => format!("every port ({mode})"),
+        (true, false) => format!("every port not listed above ({mode})"),
+        (false, false) => format!(
+            "port(s) {} and every port not listed above ({mode})",
+            plain.join(", ")
+        ),
+    };
+    format!("plaintext is accepted on {open}: identity-based rules cannot match those clients")
+}
+
+/// What makes a token required, if anything enforced does.
+enum TokenRule {
+    /// A DENY policy (named) with `notRequestPrincipals`: requests without one are denied.
+    Deny(String),
+    /// An ALLOW rule that needs a request principal or a claim.
+    Allow,
+}
+
+fn token_required_by(policies: &[&Resource<AuthorizationPolicySpec>]) -> Option<TokenRule> {
+    let enforced = |action: Action| {
+        policies
+            .iter()
+            .filter(move |p| p.spec.action == action && !is_dry_run(&p.meta))
+    };
+    let rules = |p: &Resource<AuthorizationPolicySpec>| -> Vec<Rule> {
+        p.spec.rules.iter().flatten().flatten().cloned().collect()
+    };
+    let sources = |r: &Rule| -> Vec<Source> {
+        r.from
+            .iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| f.source.clone())
+            .collect()
+    };
+    for p in enforced(Action::Deny) {
+        let denies_tokenless = rules(p).iter().any(|r| {
+            sources(r)
+                .iter()
+                .any(|s| !s.not_request_principals.is_empty())
+        });
+        if denies_tokenless {
+            return Some(TokenRule::Deny(format!("{}/{}", p.namespace(), p.name())));
+        }
+    }
+    let allow_needs_token = enforced(Action::Allow).any(|p| {
+        rules(p).iter().any(|r| {
+            sources(r).iter().any(|s| !s.request_principals.is_empty())
+                || r.when
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .any(|c| c.key.starts_with("request.auth.") && !c.values.is_empty())
+        })
+    });
+    allow_needs_token.then_some(TokenRule::Allow)
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {
@@ -340,13 +451,17 @@ fn text(o: &DescribeOut) -> String {
         if o.sidecar { "sidecar" } else { "no sidecar" }
     ));
     s.push_str(&format!("Identity:  {}\n", o.identity));
-    s.push_str("\nInbound mTLS by container port:\n");
+    s.push_str("\nInbound mTLS by container port (other = every port not listed):\n");
     if o.ports.is_empty() {
         s.push_str("  (no ports declared)\n");
     }
     for p in &o.ports {
         s.push_str(&format!("  {:<6} {:<9} {}\n", p.port, p.protocol, p.set_by));
     }
+    s.push_str(&format!(
+        "  {:<6} {:<9} {}\n",
+        "other", "detected", o.other_ports.set_by
+    ));
     s.push_str("\nJWT rules (RequestAuthentication):\n");
     if o.jwt_rules.is_empty() {
         s.push_str("  none\n");
@@ -377,6 +492,11 @@ fn text(o: &DescribeOut) -> String {
             "  {:<6} {}/{}{prov}{dry}\n",
             p.action, p.namespace, p.name
         ));
+        if let Some(why) = &p.bad_custom {
+            s.push_str(&format!(
+                "           enforced as DENY (fail closed): {why}\n"
+            ));
+        }
         if p.rules.is_empty() {
             s.push_str("           (no rules: matches nothing)\n");
         }

@@ -1,6 +1,7 @@
 //! Reading configuration for the CLI: `-f` files, folders (recursively) and `-` for stdin,
 //! plus `--mesh`, into the policy crate's loader. Also RFC 3339 times for `--now`.
 
+use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -10,41 +11,75 @@ use warden_policy::diag::Diagnostic;
 
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
 
-fn collect(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Folders and files already reached, by canonical path. Symlinks can make a tree a graph
+/// (`ln -s . again`): without this a walk revisits a folder until the OS refuses the path
+/// (40 levels), reads every file that many times, and with two such links never ends.
+#[derive(Default)]
+pub struct Visited {
+    dirs: HashSet<PathBuf>,
+    files: HashSet<PathBuf>,
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+impl Visited {
+    /// True the first time a folder is reached, by whatever path.
+    pub fn first_dir(&mut self, path: &Path) -> bool {
+        self.dirs.insert(canonical(path))
+    }
+
+    /// True the first time a file is reached, by whatever path.
+    pub fn first_file(&mut self, path: &Path) -> bool {
+        self.files.insert(canonical(path))
+    }
+}
+
+/// Whether a folder entry is hidden (`.git`, `.cache`, editor files): never read.
+pub fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+fn collect(path: &Path, out: &mut Vec<PathBuf>, seen: &mut Visited) -> Result<()> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
     if meta.is_dir() {
+        if !seen.first_dir(path) {
+            return Ok(());
+        }
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("{}: cannot list folder", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
         for e in entries {
-            let hidden = e
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'));
-            if hidden {
+            if is_hidden(&e) {
                 continue;
             }
             if e.is_dir() {
-                collect(&e, out)?;
+                collect(&e, out, seen)?;
             } else if e
                 .extension()
                 .and_then(|x| x.to_str())
                 .is_some_and(|x| EXTENSIONS.contains(&x))
+                && seen.first_file(&e)
             {
                 out.push(e);
             }
         }
-    } else {
+    } else if seen.first_file(path) {
         out.push(path.to_path_buf());
     }
     Ok(())
 }
 
 /// Adds every `-f` argument to the loader. Unreadable paths are an error of the command line.
+/// A file reached twice (named twice, or through a symlink) is read once.
 pub fn add_inputs(loader: &mut Loader, inputs: &[String]) -> Result<()> {
+    let mut seen = Visited::default();
     for i in inputs {
         if i == "-" {
             let mut text = String::new();
@@ -55,7 +90,7 @@ pub fn add_inputs(loader: &mut Loader, inputs: &[String]) -> Result<()> {
             continue;
         }
         let mut files = Vec::new();
-        collect(Path::new(i), &mut files)?;
+        collect(Path::new(i), &mut files, &mut seen)?;
         for f in files {
             let text = std::fs::read_to_string(&f)
                 .with_context(|| format!("{}: cannot read", f.display()))?;
@@ -153,7 +188,7 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -170,5 +205,59 @@ mod tests {
         );
         assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    /// A fresh folder under the system temp dir, removed when dropped.
+    pub(crate) struct TempDir(pub PathBuf);
+
+    impl TempDir {
+        pub fn new(tag: &str) -> TempDir {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "warden-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlink_loops_are_read_once() {
+        use std::os::unix::fs::symlink;
+        let t = TempDir::new("loops");
+        let d = t.0.join("d");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("p.yaml"), "kind: Namespace\n").unwrap();
+        std::fs::write(d.join("sub/q.yml"), "kind: Namespace\n").unwrap();
+        // Two self-links make the naive walk exponential, one makes it read files 40 times.
+        symlink(".", d.join("a")).unwrap();
+        symlink(".", d.join("b")).unwrap();
+        symlink("..", d.join("sub/up")).unwrap();
+        // A link to a file already read, and a hidden folder.
+        symlink("p.yaml", d.join("z-alias.yaml")).unwrap();
+        std::fs::create_dir_all(d.join(".hidden")).unwrap();
+        std::fs::write(d.join(".hidden/r.yaml"), "kind: Namespace\n").unwrap();
+        let mut out = Vec::new();
+        let mut seen = Visited::default();
+        collect(&d, &mut out, &mut seen).unwrap();
+        // Naming the folder again, or a file in it, adds nothing.
+        collect(&d.join("a/b"), &mut out, &mut seen).unwrap();
+        collect(&d.join("a/p.yaml"), &mut out, &mut seen).unwrap();
+        let names: Vec<String> = out
+            .iter()
+            .map(|p| p.strip_prefix(&d).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["p.yaml", "sub/q.yml"]);
     }
 }

@@ -2,7 +2,7 @@
 //! each case reported as pass or fail, then `N passed, M failed`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -74,6 +74,9 @@ enum Expect {
     Deny,
     Unauthenticated,
     Reset,
+    /// Rejected before policy: a malformed request (400/404).
+    #[serde(rename = "bad-request")]
+    BadRequest,
 }
 
 impl Expect {
@@ -83,6 +86,7 @@ impl Expect {
             Expect::Deny => "deny",
             Expect::Unauthenticated => "unauthenticated",
             Expect::Reset => "reset",
+            Expect::BadRequest => "bad-request",
         }
     }
 }
@@ -166,6 +170,9 @@ fn load_config(
 
 fn scenario(tf: &TestFile, c: &Case, now: i64) -> Result<Scenario> {
     let from = Client::parse(&c.from).map_err(|e| anyhow::anyhow!("from: {e}"))?;
+    if c.port == 0 {
+        bail!("port: 0 is not a port (1-65535)");
+    }
     let to = check::parse_to(&c.to)
         .map_err(|_| anyhow::anyhow!("to: \"{}\" must be NAMESPACE/WORKLOAD", c.to))?;
     let source_ip = match &c.source_ip {
@@ -240,14 +247,20 @@ fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
             return;
         }
     };
-    let now = match check::now_or(tf.now.as_deref()) {
-        Ok(n) => n,
-        Err(e) => {
-            say!("  ERROR now: {e:#}");
-            tally.bad_files += 1;
-            tally.failed += tf.cases.len();
-            return;
-        }
+    let now = match tf.now.as_deref() {
+        Some(s) => match input::parse_rfc3339(s) {
+            Some(t) => t,
+            None => {
+                say!(
+                    "  ERROR {file}:{}: now: \"{s}\" is not an RFC 3339 time such as 2026-06-01T00:00:00Z",
+                    doc.line_of("now")
+                );
+                tally.bad_files += 1;
+                tally.failed += tf.cases.len();
+                return;
+            }
+        },
+        None => check::clock_now(),
     };
     let jwks = jwks_fetch::Fetched::for_config(&cfg);
     for (i, c) in tf.cases.iter().enumerate() {
@@ -289,13 +302,16 @@ fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
 pub fn run(args: &TestArgs, verbose: bool) -> Result<ExitCode> {
     let mut tally = Tally::default();
     let mut paths = Vec::new();
+    // One visit per file, however many arguments or symlinks lead to it.
+    let mut seen = input::Visited::default();
     for f in &args.files {
         let p = Path::new(f);
         if p.is_dir() {
-            let mut found: Vec<_> = walk(p)?;
+            let mut found = Vec::new();
+            walk(p, &mut seen, &mut found)?;
             found.sort();
             paths.extend(found);
-        } else {
+        } else if seen.first_file(p) {
             paths.push(p.to_path_buf());
         }
     }
@@ -312,19 +328,25 @@ pub fn run(args: &TestArgs, verbose: bool) -> Result<ExitCode> {
     })
 }
 
-/// Test files under a folder: `*.yaml` files that have a `cases:` key.
-fn walk(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    let mut out = Vec::new();
+/// Test files under a folder: `*.yaml` files that have a `cases:` key. Hidden entries are
+/// skipped, and each folder and file is visited once (symlink loops end).
+fn walk(dir: &Path, seen: &mut input::Visited, out: &mut Vec<PathBuf>) -> Result<()> {
+    if !seen.first_dir(dir) {
+        return Ok(());
+    }
     for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))? {
         let p = e?.path();
+        if input::is_hidden(&p) {
+            continue;
+        }
         if p.is_dir() {
-            out.extend(walk(&p)?);
-        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            walk(&p, seen, out)?;
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") && seen.first_file(&p) {
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             if text.lines().any(|l| l.starts_with("cases:")) {
                 out.push(p);
             }
         }
     }
-    Ok(out)
+    Ok(())
 }

@@ -448,3 +448,206 @@ fn test_command_reports_failures_readably() {
     assert!(o.stdout.ends_with("4 passed, 2 failed\n"), "{}", o.stdout);
     golden("test-custom.txt", &o.stdout);
 }
+
+/// A fresh folder under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "warden-cli-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Regression: `ln -s . a; ln -s . b` made the folder walk exponential (a hang), and one
+/// self-link read every file 40 times ("defined twice" errors). Bounded by `warden`'s timeout.
+#[cfg(unix)]
+#[test]
+fn symlink_loops_end_and_files_are_read_once() {
+    use std::os::unix::fs::symlink;
+    let t = TempDir::new("loops");
+    let config = t.0.join("config");
+    let tests = t.0.join("tests");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::create_dir_all(tests.join(".hidden")).unwrap();
+    std::fs::copy(fixture("custom.yaml"), config.join("custom.yaml")).unwrap();
+    for d in [&config, &tests] {
+        symlink(".", d.join("a")).unwrap();
+        symlink(".", d.join("b")).unwrap();
+    }
+    symlink("..", tests.join("up")).unwrap();
+    let case = "cases:
+- name: public path
+  from: foo/sleep
+  to: foo/httpbin
+  port: 8000
+  request: {path: /public}
+  expect: allow
+";
+    std::fs::write(
+        tests.join("t.test.yaml"),
+        format!("configFiles: [../config/]\n{case}"),
+    )
+    .unwrap();
+    // Hidden folders are not searched for test files.
+    std::fs::write(
+        tests.join(".hidden/skip.test.yaml"),
+        format!(
+            "configFiles: [../../config/]\n{}",
+            case.replace("expect: allow", "expect: deny")
+        ),
+    )
+    .unwrap();
+
+    let dir = config.display().to_string();
+    let o = warden(&["analyze", "-f", &dir]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(!o.stdout.contains("defined twice"), "{}", o.stdout);
+    let o = warden(&[
+        "check",
+        "-f",
+        &dir,
+        "-f",
+        &format!("{dir}/a/b/custom.yaml"),
+        "--from",
+        "foo/sleep",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "8000",
+        "--path",
+        "/public",
+    ]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+
+    let o = warden(&["test", &tests.display().to_string()]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert_eq!(
+        o.stdout.matches("pass  public path").count(),
+        1,
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.ends_with("1 passed, 0 failed\n"), "{}", o.stdout);
+}
+
+#[test]
+fn check_rejects_port_zero_and_names_the_ext_authz_flag() {
+    let m = fixture("mesh.yaml");
+    let o = warden(&[
+        "check",
+        "-f",
+        &m,
+        "--from",
+        "foo/sleep",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "0",
+    ]);
+    assert_eq!(o.code, 2, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("--port 0 is not a port"), "{}", o.stderr);
+    let f = fixture("custom.yaml");
+    let o = warden(&[
+        "check",
+        "-f",
+        &f,
+        "--from",
+        "foo/sleep",
+        "--to",
+        "foo/httpbin",
+        "--port",
+        "8000",
+        "--path",
+        "/secure/x",
+    ]);
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr
+            .contains("give the provider's answer with --ext-authz allow|deny|error"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains("extAuthz"), "{}", o.stderr);
+}
+
+#[test]
+fn test_file_now_and_bad_request() {
+    let o = warden(&["test", &fixture("now-bad.test.yaml")]);
+    assert_eq!(o.code, 2, "{}", o.stdout);
+    assert!(
+        o.stdout.contains(&format!(
+            "ERROR {}:3: now: \"tomorrow\" is not an RFC 3339 time",
+            fixture("now-bad.test.yaml")
+        )),
+        "{}",
+        o.stdout
+    );
+    assert!(!o.stdout.contains("--now"), "{}", o.stdout);
+    let o = warden(&["test", &fixture("bad-request.test.yaml")]);
+    assert_eq!(o.code, 1, "{}", o.stdout);
+    assert!(
+        o.stdout.contains("pass  a NUL byte in the path is 400"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout
+            .contains("pass  a path without a leading slash is 404"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("port: 0 is not a port (1-65535)"),
+        "{}",
+        o.stdout
+    );
+    assert!(o.stdout.ends_with("2 passed, 1 failed\n"), "{}", o.stdout);
+}
+
+/// Two CUSTOM providers on one workload are refused (fail closed), a DENY with
+/// notRequestPrincipals requires a token, and port-level STRICT leaves other ports open.
+#[test]
+fn describe_refused_custom_token_and_other_ports() {
+    let f = fixture("describe-custom.yaml");
+    let o = warden(&["describe", "foo/api", "-f", &f]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        !o.stdout.contains("external authorizer (CUSTOM)"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        !o.stdout.contains("mTLS is required on every port"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("rejects requests without a token"),
+        "{}",
+        o.stdout
+    );
+    golden("describe-custom.txt", &o.stdout);
+    let o = warden(&["describe", "foo/api", "-f", &f, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["other_ports"]["mtls_mode"], "PERMISSIVE");
+    assert_eq!(v["ports"][0]["port"], 8080);
+    assert_eq!(
+        v["policies"][0]["bad_custom"],
+        "only one CUSTOM provider may be used per workload, found ext-a, ext-b"
+    );
+}

@@ -11,7 +11,9 @@ pub enum SpiffeIdError {
     NotSpiffe(String),
     #[error("\"{0}\" has an invalid trust domain (lowercase letters, digits, '.', '-', '_'; 1-255 characters)")]
     BadTrustDomain(String),
-    #[error("\"{0}\" is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "\"{0}\" is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     BadPath(String),
 }
 
@@ -27,24 +29,27 @@ pub struct SpiffeId {
 pub fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 /// Kubernetes names (DNS-1123 labels/subdomains): what a namespace or service account may be.
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'))
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.'])
 }
 
 impl SpiffeId {
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, SpiffeIdError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeIdError> {
         let id = format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}");
         if !valid_trust_domain(trust_domain) {
             return Err(SpiffeIdError::BadTrustDomain(id));
@@ -80,7 +85,9 @@ impl FromStr for SpiffeId {
         let rest = s
             .strip_prefix("spiffe://")
             .ok_or_else(|| SpiffeIdError::NotSpiffe(s.into()))?;
-        let (td, path) = rest.split_once('/').ok_or_else(|| SpiffeIdError::BadPath(s.into()))?;
+        let (td, path) = rest
+            .split_once('/')
+            .ok_or_else(|| SpiffeIdError::BadPath(s.into()))?;
         if !valid_trust_domain(td) {
             return Err(SpiffeIdError::BadTrustDomain(s.into()));
         }

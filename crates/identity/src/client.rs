@@ -765,6 +765,45 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Keeps a TLS identity state current from a running certificate client, for as long as the
+/// client runs: bundle changes and new certificates take effect for the next handshake (open
+/// connections are untouched, listeners are not restarted); on expiry the certificate is
+/// withdrawn so handshakes fail closed. The bundle is applied before the certificate, so a
+/// certificate from a new root is never served before that root is trusted.
+pub async fn drive_identity_state(
+    mut handle: CertClientHandle,
+    state: Arc<crate::tls::IdentityState>,
+) {
+    let mut first = true;
+    loop {
+        if std::mem::take(&mut first) || handle.bundle.has_changed().unwrap_or(false) {
+            let bundle = handle.bundle.borrow_and_update().clone();
+            if !bundle.roots_der.is_empty() {
+                if let Err(e) = state.update_bundle(bundle) {
+                    tracing::warn!("trust bundle refused, keeping the previous one: {e}");
+                }
+            }
+        }
+        let status = handle.status.borrow_and_update().clone();
+        match status {
+            IdentityStatus::Ready(svid) => {
+                if let Err(e) = state.update_svid(svid) {
+                    tracing::warn!("new certificate refused, keeping the previous one: {e}");
+                }
+            }
+            IdentityStatus::Expired { id, last_error, .. } => {
+                tracing::error!("certificate for {id} expired and could not be renewed ({last_error}): refusing connections");
+                state.clear_svid();
+            }
+            IdentityStatus::Pending => {}
+        }
+        tokio::select! {
+            r = handle.status.changed() => if r.is_err() { return },
+            r = handle.bundle.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,16 +5,21 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use warden_identity::ca::{Ca, KeyAlg};
 use warden_identity::client::{
-    Bootstrap, CaEndpoint, CertClient, CertClientConfig, Credential, IdentityStatus,
+    drive_identity_state, Bootstrap, CaEndpoint, CertClient, CertClientConfig, CertClientHandle,
+    Credential, IdentityStatus,
 };
 use warden_identity::inspect::verify_chain;
 use warden_identity::proto::IstioCertificateRequest;
 use warden_identity::service::{CaServer, CaServerOptions};
 use warden_identity::signer::CaSigner;
 use warden_identity::spiffe::SpiffeId;
+use warden_identity::tls::{
+    client_config, peer_spiffe_id, server_config, ExpectedPeer, IdentityState,
+};
 use warden_identity::token::TokenStore;
 
 fn temp_dir() -> std::path::PathBuf {
@@ -95,6 +100,45 @@ async fn scenario() {
         "{lifetime:?}"
     );
 
+    // The client's certificates drive TLS state; two workloads then handshake over mTLS.
+    let api = SpiffeId::new("cluster.local", "shop", "api").unwrap();
+    let api_token = tokens.mint(&api, Duration::from_secs(600), 1).unwrap();
+    let api_cfg = CertClientConfig::new(
+        api.clone(),
+        endpoint.clone(),
+        signer.current().bundle(),
+        Bootstrap::Token(api_token),
+    );
+    let api_handle = CertClient::new(api_cfg).spawn();
+    let web_state = tls_state(web_handle_clone(&endpoint, &signer, &tokens, &web).await).await;
+    let api_state = tls_state(api_handle).await;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(api_state)));
+    let tls_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_addr = tls_listener.local_addr().unwrap();
+    let server_side = tokio::spawn(async move {
+        let (tcp, _) = tls_listener.accept().await.unwrap();
+        let mut conn = acceptor.accept(tcp).await.unwrap();
+        let peer = peer_spiffe_id(conn.get_ref().1).unwrap();
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf).await.unwrap();
+        conn.write_all(b"pong").await.unwrap();
+        conn.shutdown().await.unwrap();
+        peer
+    });
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(
+        web_state,
+        ExpectedPeer::Exact(api.clone()),
+    )));
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.shop.svc").unwrap();
+    let mut conn = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(peer_spiffe_id(conn.get_ref().1), Some(api.clone()));
+    conn.write_all(b"ping").await.unwrap();
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf).await.unwrap();
+    assert_eq!(buf, b"pong");
+    assert_eq!(server_side.await.unwrap(), web);
+
     // Root rotation: the service switches to the new root without a restart; a renewal with
     // the current certificate is signed by the new root, and both roots are trusted.
     let rotated = Ca::rotate_root(&ca_dir, SystemTime::now()).unwrap();
@@ -140,4 +184,45 @@ async fn scenario() {
     drop(handle);
     server.shutdown().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second client for `id` (the first is kept for renewal checks), bootstrapped with a new token.
+async fn web_handle_clone(
+    endpoint: &CaEndpoint,
+    signer: &CaSigner,
+    tokens: &TokenStore,
+    id: &SpiffeId,
+) -> CertClientHandle {
+    let token = tokens.mint(id, Duration::from_secs(600), 1).unwrap();
+    let cfg = CertClientConfig::new(
+        id.clone(),
+        endpoint.clone(),
+        signer.current().bundle(),
+        Bootstrap::Token(token),
+    );
+    CertClient::new(cfg).spawn()
+}
+
+/// Waits for the client's first certificate, then keeps a TLS state current from it.
+async fn tls_state(mut handle: CertClientHandle) -> Arc<IdentityState> {
+    loop {
+        if matches!(
+            &*handle.status.borrow_and_update(),
+            IdentityStatus::Ready(_)
+        ) {
+            break;
+        }
+        handle.status.changed().await.unwrap();
+    }
+    let state = Arc::new(IdentityState::new(handle.bundle.borrow().clone()).unwrap());
+    let driven = state.clone();
+    tokio::spawn(drive_identity_state(handle, driven));
+    // The driver applies the current certificate before its first wait.
+    for _ in 0..1000 {
+        if state.svid_id().is_some() {
+            return state;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the driver did not install the certificate");
 }

@@ -72,6 +72,13 @@ impl IdentityState {
         })
     }
 
+    /// Withdraws the SVID (it expired and no new one could be had): handshakes fail closed
+    /// until the next [`update_svid`](Self::update_svid).
+    pub fn clear_svid(&self) {
+        let _w = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        self.svid.store(None);
+    }
+
     /// A state with its first SVID.
     pub fn with_svid(svid: Svid, bundle: TrustBundle) -> Result<Self, SpiffeTlsError> {
         let state = IdentityState::new(bundle)?;

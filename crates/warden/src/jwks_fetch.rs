@@ -182,7 +182,7 @@ fn rule_timeout(rule: &JwtRule) -> Duration {
 }
 
 /// Go's `time.ParseDuration`, the format Istio's API uses; negative durations are `None`.
-fn parse_go_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     let text = text.strip_prefix('+').unwrap_or(text);
     if text == "0" {
         return Some(Duration::ZERO);

@@ -8,6 +8,7 @@ macro_rules! say {
     ($($t:tt)*) => { $crate::emit(&format!("{}\n", format_args!($($t)*))) };
 }
 
+mod ca_cmd;
 mod check;
 mod describe;
 mod input;
@@ -64,6 +65,12 @@ enum Command {
     Analyze(AnalyzeArgs),
     /// What applies to one workload: mTLS per port, JWT rules, authorization policies.
     Describe(describe::DescribeArgs),
+    /// The certificate authority: init, issue, token, rotate-root, serve.
+    #[command(subcommand)]
+    Ca(ca_cmd::CaCommand),
+    /// Certificates: inspect.
+    #[command(subcommand)]
+    Cert(ca_cmd::CertCommand),
 }
 
 #[derive(Args)]
@@ -131,6 +138,8 @@ fn main() -> ExitCode {
         Command::Test(a) => testcmd::run(a, cli.verbose),
         Command::Analyze(a) => analyze(a, cli.verbose),
         Command::Describe(a) => describe::run(a, cli.verbose),
+        Command::Ca(c) => ca_cmd::run_ca(c),
+        Command::Cert(c) => ca_cmd::run_cert(c),
     };
     match result {
         Ok(code) => code,

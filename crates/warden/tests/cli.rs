@@ -651,3 +651,131 @@ fn describe_refused_custom_token_and_other_ports() {
         "only one CUSTOM provider may be used per workload, found ext-a, ext-b"
     );
 }
+
+#[test]
+fn ca_commands_issue_inspect_rotate() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let tmp = std::env::temp_dir().join(format!("warden-cli-ca-{}-{nanos}", std::process::id()));
+    let ca = tmp.join("ca").display().to_string();
+    let out = tmp.join("web").display().to_string();
+    let o = warden(&["ca", "init", "--dir", &ca, "--trust-domain", "example.org"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tmp.join("ca/root-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let o = warden(&["ca", "init", "--dir", &ca]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("refusing to overwrite"), "{}", o.stderr);
+
+    let o = warden(&[
+        "ca", "issue", "shop/web", "--dir", &ca, "--out", &out, "--ttl", "2h",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let chain = format!("{out}/cert-chain.pem");
+    let bundle = format!("{ca}/bundle.pem");
+    let o = warden(&["cert", "inspect", &chain, "--bundle", &bundle, "-o", "json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        v["certificates"][0]["spiffe_id"],
+        "spiffe://example.org/ns/shop/sa/web"
+    );
+    assert_eq!(v["chain_verified"]["verified"], true);
+
+    // After a root rotation the old certificate still verifies against the bundle.
+    let o = warden(&["ca", "rotate-root", "--dir", &ca]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = warden(&["cert", "inspect", &chain, "--bundle", &bundle]);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(
+        o.stdout.contains("verified against the bundle"),
+        "{}",
+        o.stdout
+    );
+    // ...but not against the new root alone.
+    let o = warden(&[
+        "cert",
+        "inspect",
+        &chain,
+        "--bundle",
+        &format!("{ca}/root-cert.pem"),
+    ]);
+    assert_eq!(o.code, 1, "{}", o.stdout);
+
+    let o = warden(&["ca", "token", "shop/web", "--dir", &ca, "--ttl", "5m"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        o.stdout.trim().len(),
+        43,
+        "a 256-bit base64url token: {}",
+        o.stdout
+    );
+    let tokens = std::fs::read_to_string(tmp.join("ca/tokens.json")).unwrap();
+    assert!(
+        !tokens.contains(o.stdout.trim()),
+        "tokens are stored only as hashes"
+    );
+
+    let o = warden(&["cert", "inspect", &format!("{out}/key.pem")]);
+    assert_eq!(o.code, 2, "a key is not a certificate: {}", o.stdout);
+    let o = warden(&["ca", "issue", "shop/Web", "--dir", &ca, "--out", &out]);
+    assert_eq!(o.code, 2);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn ca_max_ttl_clamps_issued_certificates() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let tmp = std::env::temp_dir().join(format!("warden-cli-ttl-{}-{nanos}", std::process::id()));
+    let ca = tmp.join("ca").display().to_string();
+    let out = tmp.join("vm").display().to_string();
+    let o = warden(&[
+        "ca",
+        "init",
+        "--dir",
+        &ca,
+        "--default-ttl",
+        "30m",
+        "--max-ttl",
+        "1h",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = warden(&[
+        "ca", "issue", "vms/db", "--dir", &ca, "--out", &out, "--ttl", "10h",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = warden(&[
+        "cert",
+        "inspect",
+        &format!("{out}/cert-chain.pem"),
+        "-o",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let left = v["certificates"][0]["seconds_left"].as_i64().unwrap();
+    assert!(
+        left <= 3600 && left > 3500,
+        "clamped to the 1h maximum: {left}s"
+    );
+    let o = warden(&[
+        "ca",
+        "init",
+        "--dir",
+        &tmp.join("ca2").display().to_string(),
+        "--default-ttl",
+        "2h",
+        "--max-ttl",
+        "1h",
+    ]);
+    assert_eq!(o.code, 2);
+    let _ = std::fs::remove_dir_all(&tmp);
+}

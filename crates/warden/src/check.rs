@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use warden_policy::engine::{ExtAuthzAnswer, Outcome};
-use warden_policy::simulate::{simulate, Client, HttpSpec, Scenario, SimError};
+use warden_policy::simulate::{simulate_with, Client, Connection, HttpSpec, Scenario, SimError};
 
 use crate::{input, jwks_fetch, render, ConfigArgs, Format};
 
@@ -66,6 +66,12 @@ pub struct CheckArgs {
     /// What a CUSTOM provider answers, if one is consulted.
     #[arg(long, value_enum)]
     ext_authz: Option<ExtAuthzArg>,
+    /// SNI the client sends (default: Istio's outbound SNI for a sidecar client's mTLS).
+    #[arg(long)]
+    sni: Option<String>,
+    /// Destination address the proxy sees (default: a WorkloadEntry's address).
+    #[arg(long, value_name = "IP")]
+    destination_ip: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: Format,
@@ -156,7 +162,17 @@ pub fn run(a: &CheckArgs, verbose: bool) -> Result<ExitCode> {
     let sc = scenario(a)?;
     let cfg = crate::load_checked(&a.config, verbose)?;
     let jwks = jwks_fetch::Fetched::for_config(&cfg);
-    let v = simulate(&cfg, &sc, &jwks).map_err(|e| match e {
+    let conn =
+        Connection {
+            sni: a.sni.clone(),
+            destination_ip: match &a.destination_ip {
+                Some(s) => Some(s.parse().map_err(|_| {
+                    anyhow::anyhow!("--destination-ip \"{s}\" is not an IP address")
+                })?),
+                None => None,
+            },
+        };
+    let v = simulate_with(&cfg, &sc, &conn, &jwks).map_err(|e| match e {
         // The engine words the hint for test files (`extAuthz:`); here it is a flag.
         SimError::NeedExtAuthz(what) => {
             anyhow::anyhow!("{what}; give the provider's answer with --ext-authz allow|deny|error")

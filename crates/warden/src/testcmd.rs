@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Deserialize;
 use warden_policy::config::{Config, Loader};
 use warden_policy::engine::ExtAuthzAnswer;
-use warden_policy::simulate::{simulate, Client, HttpSpec, Scenario};
+use warden_policy::simulate::{simulate_with, Client, Connection, HttpSpec, Scenario};
 use warden_policy::source::parse_documents;
 
 use crate::{check, input, jwks_fetch, render};
@@ -104,6 +104,12 @@ struct Case {
     request: Option<Request>,
     #[serde(default)]
     ext_authz: Option<ExtAuthzAnswer>,
+    /// SNI the client sends (default: Istio's outbound SNI for a sidecar client's mTLS).
+    #[serde(default)]
+    sni: Option<String>,
+    /// Destination address the proxy sees.
+    #[serde(default, rename = "destinationIP")]
+    destination_ip: Option<String>,
     expect: Expect,
 }
 
@@ -268,7 +274,18 @@ fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
             continue;
         }
         let line = doc.line_of(&format!("cases[{i}]"));
-        let result = scenario(&tf, c, now).and_then(|sc| Ok((simulate(&cfg, &sc, &jwks)?, sc)));
+        let result = scenario(&tf, c, now).and_then(|sc| {
+            let conn = Connection {
+                sni: c.sni.clone(),
+                destination_ip: match &c.destination_ip {
+                    Some(s) => Some(s.parse().map_err(|_| {
+                        anyhow::anyhow!("destinationIP: \"{s}\" is not an IP address")
+                    })?),
+                    None => None,
+                },
+            };
+            Ok((simulate_with(&cfg, &sc, &conn, &jwks)?, sc))
+        });
         match result {
             Ok((v, sc)) if v.result.as_str() == c.expect.as_str() => {
                 tally.passed += 1;

@@ -127,10 +127,10 @@ fn decide(c: &mut Criterion) {
                 .evaluate(&req, Protocol::Http, NOW, &mut |_, _| None)
                 .unwrap();
             assert_eq!(d.outcome.as_str(), "allow", "{}", d.reason);
-            let name = if with_jwt {
-                "http_mtls_jwt"
-            } else {
-                "http_mtls"
+            let name = match (with_jwt, shape) {
+                (true, _) => "http_mtls_jwt",
+                (false, Shape::Principal) => "http_mtls",
+                (false, Shape::Namespace) => "http_mtls_namespace_prefix",
             };
             g.bench_with_input(BenchmarkId::new(name, n), &req, |b, req| {
                 b.iter(|| {

@@ -240,7 +240,23 @@ pub struct Decision {
     pub dry_run: Vec<crate::authz::DryRun>,
     /// The path authorization saw (normalized, without query).
     pub path: Option<String>,
+    /// How the request's headers change before it is forwarded to the app (JWT outputs and
+    /// token removal), exactly as authorization saw them.
+    pub header_edits: HeaderEdits,
     pub reason: String,
+}
+
+/// Header changes for the forwarded request: names (lowercase) to remove, then headers to set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HeaderEdits {
+    pub remove: Vec<String>,
+    pub set: Vec<(String, String)>,
+}
+
+impl HeaderEdits {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty()
+    }
 }
 
 /// The CUSTOM provider was consulted but the caller has no answer for it.
@@ -303,6 +319,7 @@ impl WorkloadPolicy {
             audit: Vec::new(),
             dry_run: Vec::new(),
             path: None,
+            header_edits: HeaderEdits::default(),
             reason: String::new(),
         };
 
@@ -452,6 +469,7 @@ impl WorkloadPolicy {
                 };
                 match jwt::authenticate(&self.jwt, &treq, now_unix) {
                     JwtOutcome::NoToken => {
+                        d.header_edits.remove = self.jwt_output_headers.clone();
                         if stripped.len() != h.headers.len() {
                             jwt_headers = stripped
                                 .iter()
@@ -469,6 +487,14 @@ impl WorkloadPolicy {
                     JwtOutcome::Verified(v) => {
                         d.request_principal = v.request_principal();
                         let out = &self.jwt_outputs[v.provider_index];
+                        d.header_edits.remove = self.jwt_output_headers.clone();
+                        if !out.forward_original_token {
+                            for t in &v.token_headers {
+                                if !d.header_edits.remove.contains(t) {
+                                    d.header_edits.remove.push(t.clone());
+                                }
+                            }
+                        }
                         let mut hs: Vec<(String, String)> = stripped
                             .iter()
                             .filter(|(n, _)| {
@@ -497,6 +523,14 @@ impl WorkloadPolicy {
                                 }
                             }
                         }
+                        d.header_edits.set = hs
+                            .iter()
+                            .filter(|(n, _)| {
+                                out.payload_header.as_deref() == Some(n.as_str())
+                                    || out.claim_headers.iter().any(|(h, _)| h == n)
+                            })
+                            .cloned()
+                            .collect();
                         jwt_headers = hs;
                         jwt_header_refs = jwt_headers
                             .iter()

@@ -579,3 +579,45 @@ fn explanations_name_dropped_rules_and_custom_ids() {
         d.reason
     );
 }
+
+/// The proxy forwards exactly what authorization saw: the decision carries the header edits.
+#[test]
+fn decision_carries_forwarding_header_edits() {
+    let cfg = config(&ra(
+        "iss1",
+        "    outputClaimToHeaders: [{header: x-user, claim: sub}]\n    outputPayloadToHeader: x-jwt-payload",
+    ));
+    let t = token(serde_json::json!({"iss": "iss1", "sub": "alice"}));
+    let wl = cfg.workload("foo", "server").unwrap();
+    let p = WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly);
+    let auth = format!("Bearer {t}");
+    let headers = [("authorization", auth.as_str()), ("x-user", "mallory")];
+    let req = Request {
+        destination_port: 8080,
+        http: Some(HttpRequest {
+            method: "GET",
+            authority: "server.foo:8080",
+            target: "/",
+            headers: &headers,
+        }),
+        ..Default::default()
+    };
+    let d = p
+        .evaluate(&req, Protocol::Http, NOW, &mut |_, _| None)
+        .unwrap();
+    let e = d.header_edits;
+    assert!(
+        e.remove.contains(&"x-user".to_string()) && e.remove.contains(&"authorization".to_string()),
+        "{e:?}"
+    );
+    assert!(
+        e.set.contains(&("x-user".to_string(), "alice".to_string())),
+        "{e:?}"
+    );
+    assert!(
+        e.set
+            .iter()
+            .any(|(n, v)| n == "x-jwt-payload" && v == t.split('.').nth(1).unwrap()),
+        "{e:?}"
+    );
+}

@@ -713,6 +713,18 @@ fn accept_response(
             "the certificate is not for the key this client sent".into()
         ));
     }
+    // A response may add roots (rotation) but never replace every root the client trusts:
+    // otherwise whoever answered could install its own trust anchors in the workload.
+    if !roots.is_empty()
+        && !bundle.roots_der.is_empty()
+        && !roots
+            .iter()
+            .any(|r| bundle.roots_der.iter().any(|b| b.as_slice() == r.as_ref()))
+    {
+        return Err(bad(
+            "the response's roots share none with the current trust bundle; refusing to replace them".into(),
+        ));
+    }
     let new_bundle = if roots.is_empty() {
         bundle.clone()
     } else {
@@ -818,6 +830,57 @@ mod tests {
                 assert!(d <= full && d >= full.mul_f64(0.8), "failure {n}: {d:?}");
             }
         }
+    }
+
+    /// Review finding: a response signed under roots the client does not trust must not
+    /// replace its trust bundle.
+    #[test]
+    fn responses_cannot_replace_the_trust_bundle() {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let base = std::env::temp_dir().join(format!(
+            "warden-client-bundle-{}-{nanos}",
+            std::process::id()
+        ));
+        let ours = crate::ca::Ca::init(
+            &base.join("ours"),
+            "cluster.local",
+            crate::ca::KeyAlg::EcP256,
+        )
+        .unwrap();
+        let rogue = crate::ca::Ca::init(
+            &base.join("rogue"),
+            "cluster.local",
+            crate::ca::KeyAlg::EcP256,
+        )
+        .unwrap();
+        let id = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+        let response = |ca: &crate::ca::Ca| {
+            let (key, csr) = generate_key_and_csr(&id).unwrap();
+            let issued = ca
+                .sign_csr(csr.as_bytes(), &id, None, SystemTime::now())
+                .unwrap();
+            let mut chain = issued.cert_chain_pem.clone();
+            chain.push(issued.root_bundle_pem.concat());
+            (
+                key,
+                IstioCertificateResponse {
+                    cert_chain: chain,
+                    ..Default::default()
+                },
+            )
+        };
+        let (key, resp) = response(&rogue);
+        let err = accept_response(resp, &id, key, &ours.bundle(), SystemTime::now()).unwrap_err();
+        assert!(err.to_string().contains("share none"), "{err}");
+        let (key, resp) = response(&ours);
+        let (svid, bundle) =
+            accept_response(resp, &id, key, &ours.bundle(), SystemTime::now()).unwrap();
+        assert_eq!(svid.id, id);
+        assert_eq!(bundle.roots_der, ours.bundle().roots_der);
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

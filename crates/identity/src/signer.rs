@@ -1,6 +1,7 @@
 //! The CA behind the certificate service: [`CertSigner`] for [`Ca`], swappable in place so a
 //! root rotation takes effect without restarting the server.
 
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,22 @@ impl CaSigner {
     pub fn replace(&self, ca: Ca) {
         // A poisoned lock only means a signing thread panicked; the value is still whole.
         *self.ca.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ca);
+    }
+
+    /// Loads the CA folder again and switches to it when its roots changed: a root rotation
+    /// done by another process (`warden ca rotate-root`) or an old root past its retirement.
+    /// Returns whether anything changed; on error the current CA stays in use.
+    pub fn reload(
+        &self,
+        dir: &Path,
+        trust_domain: Option<&str>,
+    ) -> Result<bool, crate::ca::CaError> {
+        let fresh = Ca::load_with(dir, trust_domain)?;
+        let changed = fresh.bundle_pem() != self.current().bundle_pem();
+        if changed {
+            self.replace(fresh);
+        }
+        Ok(changed)
     }
 
     pub fn current(&self) -> Arc<Ca> {

@@ -145,7 +145,19 @@ async fn scenario() {
     let both = rotated.bundle().roots_der;
     assert_eq!(both.len(), 2);
     assert!(both.contains(&first_roots[0]));
-    signer.replace(rotated);
+    // What `warden ca serve` does when another process rotated the root on disk.
+    assert!(
+        signer.reload(&ca_dir, None).unwrap(),
+        "the rotation is picked up"
+    );
+    assert!(
+        !signer.reload(&ca_dir, None).unwrap(),
+        "nothing changed since"
+    );
+    assert_eq!(
+        signer.current().bundle().roots_der,
+        rotated.bundle().roots_der
+    );
     server.reload_certificate();
     let (_key, csr) = {
         let (key, der) = warden_identity::csr::generate_csr(&web, KeyAlg::EcP256).unwrap();

@@ -142,19 +142,66 @@ fn duration(flag: &str, s: &str) -> Result<Duration> {
         })
 }
 
-/// Writes a file readable only by its owner, created with that mode (never widened first).
+/// Writes a file readable only by its owner: a new file created with mode 0600 (never an
+/// existing file or a symlink, whose mode or target would be kept), renamed into place.
 fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
     f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
+}
+
+/// The identity Warden's CA service presents; never issued to anyone else.
+fn refuse_ca_identity(id: &SpiffeId) -> Result<()> {
+    if id.namespace() == "warden-system" && id.service_account() == "warden-ca" {
+        bail!("{id} is the CA service's own identity and is never issued to a workload");
+    }
+    Ok(())
+}
+
+/// Reloads the CA folder every few seconds and on SIGHUP: a `warden ca rotate-root` run by
+/// another process, or an old root reaching its retirement, takes effect without a restart.
+async fn follow_ca_dir(ca: &CaDir, signer: Arc<CaSigner>, server: &CaServer) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hup.recv() => {}
+            r = tokio::signal::ctrl_c() => {
+                r.context("waiting for Ctrl-C")?;
+                return Ok(());
+            }
+        }
+        match signer.reload(&ca.dir, ca.trust_domain.as_deref()) {
+            Ok(true) => {
+                server.reload_certificate();
+                write_bundle(&signer.current(), &ca.dir)?;
+                eprintln!(
+                    "warden: CA reloaded from {}: signing with the current root, {} root(s) trusted",
+                    ca.dir.display(),
+                    signer.current().bundle().roots_der.len()
+                );
+            }
+            Ok(false) => {}
+            // Keep serving with the CA in memory; say why in the log.
+            Err(e) => eprintln!(
+                "warden: CA in {} not reloaded, keeping the current one: {e:#}",
+                ca.dir.display()
+            ),
+        }
+    }
 }
 
 pub fn run_ca(cmd: &CaCommand) -> Result<ExitCode> {
@@ -189,8 +236,22 @@ pub fn run_ca(cmd: &CaCommand) -> Result<ExitCode> {
             ttl,
             key,
         } => {
-            let ca = ca.load()?;
-            let id = identity(who, ca.trust_domain())?;
+            let loaded = ca.load()?;
+            let id = identity(who, loaded.trust_domain())?;
+            refuse_ca_identity(&id)?;
+            // Writing workload files into a CA folder would overwrite its roots or chain.
+            let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+                (Ok(x), Ok(y)) => x == y,
+                _ => false,
+            };
+            if same(out, &ca.dir) || out.join("ca.json").exists() || out.join("ca-key.pem").exists()
+            {
+                bail!(
+                    "--out {} is a CA folder; choose another folder for the workload's files",
+                    out.display()
+                );
+            }
+            let ca = loaded;
             let ttl = ttl.as_deref().map(|t| duration("--ttl", t)).transpose()?;
             let (key_der, csr) = warden_identity::csr::generate_csr(&id, key_alg(key)?)?;
             let issued = ca.sign_csr(&csr, &id, ttl, SystemTime::now())?;
@@ -200,8 +261,14 @@ pub fn run_ca(cmd: &CaCommand) -> Result<ExitCode> {
                 &out.join("key.pem"),
                 pem::encode(&pem::Pem::new("PRIVATE KEY", key_der)).as_bytes(),
             )?;
-            std::fs::write(out.join("cert-chain.pem"), issued.cert_chain_pem.concat())?;
-            std::fs::write(out.join("root-cert.pem"), issued.root_bundle_pem.concat())?;
+            std::fs::write(out.join("cert-chain.pem"), issued.cert_chain_pem.concat())
+                .with_context(|| {
+                    format!("{}: cannot write", out.join("cert-chain.pem").display())
+                })?;
+            std::fs::write(out.join("root-cert.pem"), issued.root_bundle_pem.concat())
+                .with_context(|| {
+                    format!("{}: cannot write", out.join("root-cert.pem").display())
+                })?;
             let left = issued
                 .not_after
                 .duration_since(SystemTime::now())
@@ -222,6 +289,7 @@ pub fn run_ca(cmd: &CaCommand) -> Result<ExitCode> {
         } => {
             let loaded = ca.load()?;
             let id = identity(who, loaded.trust_domain())?;
+            refuse_ca_identity(&id)?;
             if *uses == 0 {
                 bail!("--uses must be at least 1");
             }
@@ -243,6 +311,8 @@ pub fn run_ca(cmd: &CaCommand) -> Result<ExitCode> {
         CaCommand::Serve { ca, listen } => {
             let loaded = ca.load()?;
             let td = loaded.trust_domain().to_string();
+            // Retired roots are gone from the loaded CA; the bundle handed out follows.
+            write_bundle(&loaded, &ca.dir)?;
             let signer = Arc::new(CaSigner::new(loaded));
             let tokens = Arc::new(TokenStore::open(&ca.dir));
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -255,7 +325,7 @@ pub fn run_ca(cmd: &CaCommand) -> Result<ExitCode> {
                     .with_context(|| format!("cannot listen on {listen}"))?;
                 let server = CaServer::start(
                     listener,
-                    signer,
+                    signer.clone(),
                     CaServerOptions {
                         tokens: Some(tokens),
                         ..CaServerOptions::default()
@@ -266,7 +336,7 @@ pub fn run_ca(cmd: &CaCommand) -> Result<ExitCode> {
                     "warden CA for {td} serving istio.v1.auth.IstioCertificateService on {} (Ctrl-C stops)",
                     server.local_addr()
                 );
-                tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+                follow_ca_dir(ca, signer, &server).await?;
                 server.shutdown().await?;
                 anyhow::Ok(())
             })?;

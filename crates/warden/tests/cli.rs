@@ -779,3 +779,210 @@ fn ca_max_ttl_clamps_issued_certificates() {
     assert_eq!(o.code, 2);
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Review finding: a running `warden ca serve` must pick up `warden ca rotate-root` done by
+/// another process (here on SIGHUP; it also polls), and sign with the new root.
+#[test]
+fn ca_serve_follows_a_root_rotation() {
+    use std::io::{BufRead, BufReader};
+    use warden_identity::client::{CaEndpoint, Credential};
+    use warden_identity::proto::IstioCertificateRequest;
+    use warden_identity::spiffe::SpiffeId;
+    use warden_identity::svid::TrustBundle;
+
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let tmp = std::env::temp_dir().join(format!("warden-cli-serve-{}-{nanos}", std::process::id()));
+    let ca = tmp.join("ca").display().to_string();
+    assert_eq!(warden(&["ca", "init", "--dir", &ca]).code, 0);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["ca", "serve", "--dir", &ca, "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Kill the server whatever happens, so a failing assertion never leaves it running.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .arg("-9")
+                .arg(self.0.to_string())
+                .status();
+        }
+    }
+    let _guard = Kill(pid);
+    // The server's stderr lines are the synchronisation points; a reader thread forwards them.
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str| -> String {
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no \"{needle}\" from warden ca serve within 30 s"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    };
+    let serving = wait_for("serving");
+    let addr = serving
+        .rsplit(" on ")
+        .next()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let web = SpiffeId::new("cluster.local", "shop", "web").unwrap();
+    let roots = |path: &str| -> Vec<Vec<u8>> {
+        pem::parse_many(std::fs::read_to_string(path).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect()
+    };
+    let bundle_path = format!("{ca}/bundle.pem");
+    let root_path = format!("{ca}/root-cert.pem");
+    let issue = |token: &str, bundle: Vec<Vec<u8>>| -> Vec<Vec<u8>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (_key, der) =
+                warden_identity::csr::generate_csr(&web, warden_identity::ca::KeyAlg::EcP256)
+                    .unwrap();
+            let csr = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+            let endpoint = CaEndpoint::new(addr.clone(), "cluster.local").unwrap();
+            let bundle = TrustBundle {
+                trust_domain: "cluster.local".into(),
+                roots_der: bundle,
+            };
+            let resp = tokio::time::timeout(
+                Duration::from_secs(30),
+                endpoint.create_certificate(
+                    &bundle,
+                    Credential::Token(token),
+                    IstioCertificateRequest {
+                        csr,
+                        validity_duration: 3600,
+                        ..Default::default()
+                    },
+                ),
+            )
+            .await
+            .expect("answered within 30 s")
+            .unwrap();
+            let n = resp.cert_chain.len();
+            resp.cert_chain[..n - 1]
+                .iter()
+                .flat_map(|p| pem::parse_many(p).unwrap())
+                .map(|p| p.into_contents())
+                .collect()
+        })
+    };
+    let token = |ca: &str| {
+        warden(&["ca", "token", "shop/web", "--dir", ca])
+            .stdout
+            .trim()
+            .to_string()
+    };
+
+    let old_root = roots(&root_path);
+    let chain = issue(&token(&ca), roots(&bundle_path));
+    warden_identity::inspect::verify_chain(&chain, &old_root, std::time::SystemTime::now())
+        .unwrap();
+
+    assert_eq!(warden(&["ca", "rotate-root", "--dir", &ca]).code, 0);
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(pid.to_string())
+        .status();
+    wait_for("CA reloaded");
+    let new_root = roots(&root_path);
+    assert_ne!(new_root, old_root);
+    let chain = issue(&token(&ca), roots(&bundle_path));
+    warden_identity::inspect::verify_chain(&chain, &new_root, std::time::SystemTime::now())
+        .expect("signed by the new root without a restart");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn ca_issue_guards_keys_and_reserved_identities() {
+    use std::os::unix::fs::PermissionsExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let tmp = std::env::temp_dir().join(format!("warden-cli-guard-{}-{nanos}", std::process::id()));
+    let ca = tmp.join("ca").display().to_string();
+    let out = tmp.join("out");
+    assert_eq!(warden(&["ca", "init", "--dir", &ca]).code, 0);
+    std::fs::create_dir_all(&out).unwrap();
+    // A pre-existing world-readable key file and a symlink must not keep their mode/target.
+    std::fs::write(out.join("key.pem"), "old").unwrap();
+    std::fs::set_permissions(out.join("key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = warden(&[
+        "ca",
+        "issue",
+        "shop/web",
+        "--dir",
+        &ca,
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let elsewhere = tmp.join("elsewhere.pem");
+    std::fs::remove_file(out.join("key.pem")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out.join("key.pem")).unwrap();
+    assert_eq!(
+        warden(&[
+            "ca",
+            "issue",
+            "shop/web",
+            "--dir",
+            &ca,
+            "--out",
+            &out.display().to_string()
+        ])
+        .code,
+        0
+    );
+    assert!(!elsewhere.exists(), "the key was written through a symlink");
+    // The CA's own identity is never issued; the CA folder is never an output folder.
+    let o = warden(&[
+        "ca",
+        "issue",
+        "warden-system/warden-ca",
+        "--dir",
+        &ca,
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("never issued"), "{}", o.stderr);
+    assert_eq!(
+        warden(&["ca", "token", "warden-system/warden-ca", "--dir", &ca]).code,
+        2
+    );
+    let o = warden(&["ca", "issue", "shop/web", "--dir", &ca, "--out", &ca]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("is a CA folder"), "{}", o.stderr);
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -39,6 +39,10 @@ use crate::svid::TrustBundle;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest workload certificate lifetime unless `ca.json` says otherwise.
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(48 * 3600);
+/// No TTL policy may allow workload certificates to live longer than this. Root rotation keeps
+/// the old root for max TTL after the switch, so this also bounds how long a replaced root key
+/// stays trusted.
+pub const MAX_TTL_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How far certificates are back-dated, so that peers whose clocks lag still accept them.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// Validity of a root created by `init` or `rotate_root`.
@@ -219,11 +223,41 @@ impl TtlPolicy {
                 "default and maximum TTL must be at least one second".into(),
             ));
         }
+        if self.max_ttl > MAX_TTL_LIMIT {
+            return Err(CaError::BadTtl(format!(
+                "maximum TTL {}s is longer than the limit of {}s (365 days)",
+                self.max_ttl.as_secs(),
+                MAX_TTL_LIMIT.as_secs()
+            )));
+        }
         if self.default_ttl > self.max_ttl {
             return Err(CaError::BadTtl(format!(
                 "default TTL {}s is longer than the maximum {}s",
                 self.default_ttl.as_secs(),
                 self.max_ttl.as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    /// `validate`, and no certificate may be promised a lifetime beyond what is left of the
+    /// certificate that signs it (`signer_path`, valid until `not_after`).
+    fn validate_within(
+        &self,
+        signer_path: &Path,
+        not_after: SystemTime,
+        now: SystemTime,
+    ) -> Result<(), CaError> {
+        self.validate()?;
+        let left = not_after.duration_since(now).unwrap_or_default();
+        if self.max_ttl > left {
+            return Err(CaError::BadTtl(format!(
+                "maximum TTL {}s is longer than the {}s left on the signing certificate {} \
+                 (valid until {}); lower the maximum TTL, or rotate or replace that certificate",
+                self.max_ttl.as_secs(),
+                left.as_secs(),
+                signer_path.display(),
+                rfc3339(not_after)
             )));
         }
         Ok(())
@@ -397,6 +431,17 @@ impl Ca {
 
     /// Load as of `now`: validity checks and dropping retired roots use it.
     pub fn load_at(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Result<Ca, CaError> {
+        Ca::load_inner(dir, trust_domain, now, true)
+    }
+
+    /// `bounded`: whether the TTL policy must fit in what is left of the signing certificate
+    /// (not when that certificate is about to be replaced by a rotation).
+    fn load_inner(
+        dir: &Path,
+        trust_domain: Option<&str>,
+        now: SystemTime,
+        bounded: bool,
+    ) -> Result<Ca, CaError> {
         if let Some(td) = trust_domain {
             if !valid_trust_domain(td) {
                 return Err(CaError::BadTrustDomain(td.into()));
@@ -406,8 +451,8 @@ impl Ca {
         let warden = dir.join(ROOT_KEY_FILE).exists();
         match (warden, plugin) {
             (true, true) => Err(CaError::AmbiguousLayout(dir.to_path_buf())),
-            (true, false) => load_warden(dir, trust_domain, now),
-            (false, true) => load_plugin(dir, trust_domain, now),
+            (true, false) => load_warden(dir, trust_domain, now, bounded),
+            (false, true) => load_plugin(dir, trust_domain, now, bounded),
             (false, false) => Err(CaError::NoCa(dir.to_path_buf())),
         }
     }
@@ -421,7 +466,9 @@ impl Ca {
         if dir.join(PLUGIN_CERT_FILE).exists() && !dir.join(ROOT_KEY_FILE).exists() {
             return Err(CaError::RotationUnsupported(dir.to_path_buf()));
         }
-        let ca = Ca::load_at(dir, None, now)?;
+        // A root close to its end must still be rotatable, so the policy is checked against
+        // the new root below rather than the old one here.
+        let ca = Ca::load_inner(dir, None, now, false)?;
         if ca.layout != Layout::Warden {
             return Err(CaError::RotationUnsupported(dir.to_path_buf()));
         }
@@ -432,24 +479,45 @@ impl Ca {
             path: meta_path.clone(),
             message: "field key_alg: missing".into(),
         })?;
-        let retire_after = now + ca.policy.max_ttl + CLOCK_SKEW;
+        // Everything is checked before the first file is written: a failure leaves the CA as
+        // it was.
+        let retire_after = now
+            .checked_add(ca.policy.max_ttl)
+            .and_then(|t| t.checked_add(CLOCK_SKEW))
+            .ok_or_else(|| {
+                CaError::BadTtl(format!(
+                    "{}: the old root's retirement time (now + max TTL) is out of range",
+                    meta_path.display()
+                ))
+            })?;
         let mut roots = vec![];
         let (key, cert_pem) = new_root(&ca.trust_domain, alg, now)?;
+        let new_not_after = now
+            .checked_add(ROOT_VALIDITY)
+            .ok_or_else(|| CaError::Crypto("the new root's validity end is out of range".into()))?;
+        ca.policy
+            .validate_within(&dir.join(ROOT_CERT_FILE), new_not_after, now)
+            .map_err(|e| CaError::Metadata {
+                path: meta_path.clone(),
+                message: format!("fields default_ttl_seconds/max_ttl_seconds: {e}"),
+            })?;
         roots.push(RootRecord {
             cert_pem: cert_pem.clone(),
             retire_after: None,
         });
         for (i, r) in ca.roots.iter().enumerate() {
-            // Roots already retired are dropped from the record for good.
+            // Roots already retired are dropped from the record for good. No older root
+            // signed anything after the current one took over, so none needs trusting
+            // longer than the current one.
             let when = match r.retire_after {
                 None if i == 0 => retire_after,
                 None => continue,
                 Some(t) if t <= now => continue,
-                Some(t) => t,
+                Some(t) => t.min(retire_after),
             };
             roots.push(RootRecord {
                 cert_pem: pem_encode("CERTIFICATE", &r.der),
-                retire_after: Some(rfc3339(when)),
+                retire_after: Some(retire_after_text(when, &meta_path)?),
             });
         }
         meta.roots = roots;
@@ -524,8 +592,13 @@ impl Ca {
                 not_after: rfc3339(self.issuer_not_after),
             });
         }
-        let not_before = (now_s - CLOCK_SKEW.as_secs() as i64).max(inb);
-        let not_after = (now_s + ttl.as_secs().max(1) as i64).min(ina);
+        let skew = i64::try_from(CLOCK_SKEW.as_secs()).unwrap_or(i64::MAX);
+        let not_before = now_s.checked_sub(skew).map_or(inb, |t| t.max(inb));
+        // The policy is bounded, but a lifetime past the issuer's end is cut to it anyway.
+        let not_after = i64::try_from(ttl.as_secs().max(1))
+            .ok()
+            .and_then(|t| now_s.checked_add(t))
+            .map_or(ina, |t| t.min(ina));
 
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -588,7 +661,11 @@ impl Ca {
     }
     /// Override the TTL policy of this loaded CA (e.g. from a command-line flag).
     pub fn set_ttl_policy(&mut self, policy: TtlPolicy) -> Result<(), CaError> {
-        policy.validate()?;
+        let signer = match self.layout {
+            Layout::Warden => self.dir.join(ROOT_CERT_FILE),
+            Layout::PlugIn => self.dir.join(PLUGIN_CERT_FILE),
+        };
+        policy.validate_within(&signer, self.issuer_not_after, SystemTime::now())?;
         self.policy = policy;
         Ok(())
     }
@@ -779,13 +856,20 @@ fn new_root(
     // Back-dated further than leaves, so the first leaves' back-dating is not cut short by
     // the root's own notBefore.
     let now_s = unix_secs(now);
-    params.not_before = odt(now_s - 3600)?;
-    params.not_after = odt(now_s + ROOT_VALIDITY.as_secs() as i64)?;
+    let out_of_range = || CaError::Crypto("the new root's validity is out of range".into());
+    let validity = i64::try_from(ROOT_VALIDITY.as_secs()).map_err(|_| out_of_range())?;
+    params.not_before = odt(now_s.checked_sub(3600).ok_or_else(out_of_range)?)?;
+    params.not_after = odt(now_s.checked_add(validity).ok_or_else(out_of_range)?)?;
     let cert = params.self_signed(&key)?;
     Ok((key, pem_encode("CERTIFICATE", cert.der())))
 }
 
-fn load_warden(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Result<Ca, CaError> {
+fn load_warden(
+    dir: &Path,
+    trust_domain: Option<&str>,
+    now: SystemTime,
+    bounded: bool,
+) -> Result<Ca, CaError> {
     let meta_path = dir.join(METADATA_FILE);
     let cert_path = dir.join(ROOT_CERT_FILE);
     let key_path = dir.join(ROOT_KEY_FILE);
@@ -816,6 +900,9 @@ fn load_warden(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Resul
         )));
     }
     let (issuer, nb, na) = signing_cert(&cert_path, &key_path, &root_der, key, now)?;
+    if bounded {
+        policy_within(&meta_path, &policy, &cert_path, na, now)?;
+    }
     // A root is its own trust anchor; its self-signature shows the file was not altered.
     X509Certificate::from_der(&root_der)
         .map_err(|e| e.to_string())
@@ -852,6 +939,18 @@ fn load_warden(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Resul
                 let when = parse_rfc3339(t).map_err(|e| {
                     meta_err(format!("roots[{i}].retire_after: {e} (expected RFC 3339)"))
                 })?;
+                // Rotation never sets it further ahead than the longest possible TTL: a later
+                // one would keep a replaced root key trusted for longer than anything it signed.
+                let latest = now
+                    .checked_add(MAX_TTL_LIMIT)
+                    .and_then(|t| t.checked_add(CLOCK_SKEW));
+                if latest.is_none_or(|l| when > l) {
+                    return Err(meta_err(format!(
+                        "roots[{i}].retire_after: {t} is more than {} days and the clock-skew \
+                         margin ahead; a retired root is kept at most that long",
+                        MAX_TTL_LIMIT.as_secs() / 86400
+                    )));
+                }
                 // A retired root's certificates have all expired: trusting it longer would
                 // only widen what a stolen old key could do.
                 if when > now && der != root_der {
@@ -868,6 +967,17 @@ fn load_warden(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Resul
             "roots lists no current root (an entry without retire_after equal to {ROOT_CERT_FILE})"
         )));
     }
+    probe_as_peers_do(
+        &issuer,
+        &meta.trust_domain,
+        &[],
+        std::slice::from_ref(&root_der),
+        now,
+    )
+    .map_err(|reason| CaError::NotCaCert {
+        path: cert_path.clone(),
+        reason,
+    })?;
     Ok(Ca {
         dir: dir.to_path_buf(),
         layout: Layout::Warden,
@@ -883,7 +993,12 @@ fn load_warden(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Resul
     })
 }
 
-fn load_plugin(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Result<Ca, CaError> {
+fn load_plugin(
+    dir: &Path,
+    trust_domain: Option<&str>,
+    now: SystemTime,
+    bounded: bool,
+) -> Result<Ca, CaError> {
     let meta_path = dir.join(METADATA_FILE);
     let cert_path = dir.join(PLUGIN_CERT_FILE);
     let key_path = dir.join(PLUGIN_KEY_FILE);
@@ -916,6 +1031,18 @@ fn load_plugin(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Resul
     };
     let key = read_key(&key_path)?;
     let (issuer, nb, na) = signing_cert(&cert_path, &key_path, &ca_der, key, now)?;
+    if bounded {
+        if meta.is_some() {
+            policy_within(&meta_path, &policy, &cert_path, na, now)?;
+        } else {
+            policy.validate_within(&cert_path, na, now).map_err(|e| {
+                CaError::BadTtl(format!(
+                    "{e} (this is the default policy; a ca.json with \"max_ttl_seconds\" sets \
+                     another)"
+                ))
+            })?;
+        }
+    }
 
     // Istio's cert-chain.pem usually starts with ca-cert.pem and may end with the root;
     // neither belongs twice in an issued chain, and roots are sent as the bundle instead.
@@ -933,6 +1060,23 @@ fn load_plugin(dir: &Path, trust_domain: Option<&str>, now: SystemTime) -> Resul
         },
         root: root_path.clone(),
         reason,
+    })?;
+    // The field checks above count the CA certificate as the chain's end; webpki sees the
+    // chain as peers will, one level longer with a leaf below it, and applies name
+    // constraints, so a CA whose every certificate would be refused is refused here.
+    probe_as_peers_do(&issuer, &td, &chain, &roots_der, now).map_err(|reason| {
+        CaError::NotCaCert {
+            path: cert_path.clone(),
+            reason: format!(
+                "{reason} (checked with {} and {})",
+                if chain.len() > 1 {
+                    chain_path.display()
+                } else {
+                    cert_path.display()
+                },
+                root_path.display()
+            ),
+        }
     })?;
 
     Ok(Ca {
@@ -1042,6 +1186,72 @@ fn probe(issuer: &Issuer<'static, KeyPair>, ca: &X509Certificate<'_>) -> Result<
     }
     leaf.verify_signature(Some(ca.public_key()))
         .map_err(|e| format!("a probe certificate signed with its key does not verify: {e}"))
+}
+
+/// Sign a throwaway workload certificate exactly as [`Ca::sign_csr`] shapes them and verify it
+/// with webpki, as TLS peers will: through `chain` (the signing CA certificate first, for a
+/// plug-in CA) to one of `roots`.
+fn probe_as_peers_do(
+    issuer: &Issuer<'static, KeyPair>,
+    trust_domain: &str,
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: SystemTime,
+) -> Result<(), String> {
+    let key = KeyAlg::EcP256.generate().map_err(|e| e.to_string())?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let uri = format!("spiffe://{trust_domain}/ns/warden-probe/sa/probe");
+    params.subject_alt_names = vec![SanType::URI(
+        Ia5String::try_from(uri).map_err(|e| e.to_string())?,
+    )];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let leaf = params
+        .signed_by(&key, issuer)
+        .map_err(|e| format!("signing a probe certificate failed: {e}"))?;
+    crate::inspect::webpki_verify(leaf.der(), chain, roots, now)
+        .map_err(|e| format!("a workload certificate it signs would be refused by TLS peers: {e}"))
+}
+
+fn policy_within(
+    meta_path: &Path,
+    policy: &TtlPolicy,
+    signer_path: &Path,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> Result<(), CaError> {
+    policy
+        .validate_within(signer_path, not_after, now)
+        .map_err(|e| CaError::Metadata {
+            path: meta_path.to_path_buf(),
+            message: format!("fields default_ttl_seconds/max_ttl_seconds: {e}"),
+        })
+}
+
+/// `retire_after` as written to `ca.json`: RFC 3339 that reads back as the same second, or an
+/// error; never a placeholder that a later load would refuse.
+fn retire_after_text(t: SystemTime, meta_path: &Path) -> Result<String, CaError> {
+    let secs = unix_secs(t);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .filter(|s| parse_rfc3339(s).is_ok_and(|back| unix_secs(back) == secs))
+        .ok_or_else(|| CaError::Metadata {
+            path: meta_path.to_path_buf(),
+            message: format!("roots: retirement time @{secs} cannot be written as RFC 3339"),
+        })
 }
 
 fn check_metadata_td(path: &Path, meta: &Metadata, given: Option<&str>) -> Result<(), CaError> {
@@ -1971,5 +2181,339 @@ mod tests {
         let ca3 = Ca::rotate_root(d.path(), after).unwrap();
         assert_eq!(ca3.bundle().roots_der.len(), 2);
         assert_eq!(ca3.bundle().roots_der[1], new_root);
+    }
+
+    /// Critical nameConstraints permitting only the URI host `other.td`.
+    fn uri_name_constraint() -> rcgen::CustomExtension {
+        let mut content = vec![0x30, 0x0e, 0xa0, 0x0c, 0x30, 0x0a, 0x86, 0x08];
+        content.extend_from_slice(b"other.td");
+        let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 30], content);
+        ext.set_criticality(true);
+        ext
+    }
+
+    /// A critical extension nobody understands.
+    fn unknown_critical() -> rcgen::CustomExtension {
+        let mut ext =
+            rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 55555, 1], vec![5, 0]);
+        ext.set_criticality(true);
+        ext
+    }
+
+    type Tweak = fn(&mut CertificateParams);
+
+    /// root → one CA per tweak (outermost first); returns (root PEM, CA PEMs innermost first,
+    /// innermost key PEM, innermost issuer).
+    fn tweaked_pki(
+        now: SystemTime,
+        tweaks: &[Tweak],
+    ) -> (String, Vec<String>, String, Issuer<'static, KeyPair>) {
+        let params = |cn: &str| {
+            let mut p = CertificateParams::default();
+            let mut dn = DistinguishedName::new();
+            dn.push(DnType::CommonName, cn);
+            p.distinguished_name = dn;
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p.use_authority_key_identifier_extension = true;
+            p.not_before = odt(secs(now) - 86400).unwrap();
+            p.not_after = odt(secs(now) + 365 * 86400).unwrap();
+            p
+        };
+        let root_key = KeyAlg::EcP256.generate().unwrap();
+        let root_params = params("Tweaked Root");
+        let root = root_params.self_signed(&root_key).unwrap();
+        let mut issuer = Issuer::new(root_params, root_key);
+        let mut cas = vec![];
+        let mut last_key = String::new();
+        for (i, tweak) in tweaks.iter().enumerate() {
+            let key = KeyAlg::EcP256.generate().unwrap();
+            let mut p = params(&format!("Tweaked CA {i}"));
+            tweak(&mut p);
+            cas.push(pem_encode(
+                "CERTIFICATE",
+                p.signed_by(&key, &issuer).unwrap().der(),
+            ));
+            last_key = key.serialize_pem();
+            issuer = Issuer::new(p, key);
+        }
+        cas.reverse();
+        (pem_encode("CERTIFICATE", root.der()), cas, last_key, issuer)
+    }
+
+    fn no_tweak(_: &mut CertificateParams) {}
+    fn path_len_0(p: &mut CertificateParams) {
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    }
+    fn uri_constrained(p: &mut CertificateParams) {
+        p.custom_extensions.push(uri_name_constraint());
+    }
+    fn dns_constrained(p: &mut CertificateParams) {
+        p.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName("example.com".into())],
+            excluded_subtrees: vec![],
+        });
+    }
+    fn unknown_critical_extension(p: &mut CertificateParams) {
+        p.custom_extensions.push(unknown_critical());
+    }
+    fn one_day_left(p: &mut CertificateParams) {
+        let now = secs(SystemTime::now());
+        p.not_after = odt(now + 86400).unwrap();
+    }
+
+    #[test]
+    fn plugin_ca_whose_certificates_peers_would_refuse_is_refused_at_load() {
+        let now = SystemTime::now();
+        let td = Some("example.org");
+        let rows: [(&str, &[Tweak], Option<&str>); 5] = [
+            ("plain", &[no_tweak], None),
+            // A DNS-only constraint says nothing about URI names: peers accept.
+            ("dns-constrained", &[dns_constrained], None),
+            // pathlen 0 on the parent, yet the signing CA is a CA below it.
+            ("pathlen", &[path_len_0, no_tweak], Some("path length")),
+            (
+                "uri-constrained",
+                &[uri_constrained],
+                Some("name constraints"),
+            ),
+            (
+                "unknown-critical",
+                &[no_tweak, unknown_critical_extension],
+                Some("critical extension"),
+            ),
+        ];
+        for (name, tweaks, refused) in rows {
+            let d = TempDir::new("plugin-webpki");
+            let (root, cas, key, _) = tweaked_pki(now, tweaks);
+            write_plugin(d.path(), &root, &cas, &key);
+            match (Ca::load_with(d.path(), td), refused) {
+                (Ok(ca), None) => {
+                    let who = id("spiffe://example.org/ns/a/sa/b");
+                    let s = issue(&ca, &who, None, now);
+                    let roots = ders(std::slice::from_ref(&root));
+                    verify_chain(&ders(&s.cert_chain_pem), &roots, now).unwrap();
+                }
+                (Err(e @ CaError::NotCaCert { .. }), Some(needle)) => {
+                    let text = e.to_string();
+                    assert!(text.contains("ca-cert.pem"), "{name}: {text}");
+                    assert!(text.contains(needle), "{name}: {text}");
+                    assert!(text.contains("refused by TLS peers"), "{name}: {text}");
+                }
+                (other, want) => panic!("{name}: expected refusal {want:?}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn verify_chain_agrees_with_webpki_on_leaves() {
+        let now = SystemTime::now();
+        let who = id("spiffe://example.org/ns/a/sa/b");
+        let rows: [(&str, &[Tweak], Option<&str>); 4] = [
+            ("plain", &[no_tweak], None),
+            ("dns-constrained", &[dns_constrained], None),
+            (
+                "uri-constrained",
+                &[uri_constrained],
+                Some("name constraints"),
+            ),
+            (
+                "unknown-critical",
+                &[unknown_critical_extension],
+                Some("critical extension"),
+            ),
+        ];
+        for (name, tweaks, refused) in rows {
+            let (root, cas, _, issuer) = tweaked_pki(now, tweaks);
+            let key = KeyAlg::EcP256.generate().unwrap();
+            let mut p = CertificateParams::default();
+            p.distinguished_name = DistinguishedName::new();
+            p.subject_alt_names = vec![SanType::URI(who.to_string().try_into().unwrap())];
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let leaf = p.signed_by(&key, &issuer).unwrap();
+            let mut chain = vec![leaf.der().to_vec()];
+            chain.extend(ders(&cas));
+            let r = verify_chain(&chain, &ders(std::slice::from_ref(&root)), now);
+            match (r, refused) {
+                (Ok(()), None) => {}
+                (Err(e), Some(needle)) => assert!(e.contains(needle), "{name}: {e}"),
+                (other, want) => panic!("{name}: expected {want:?}, got {other:?}"),
+            }
+        }
+        // A leaf with an unknown critical extension of its own.
+        let (root, cas, _, issuer) = tweaked_pki(now, &[no_tweak]);
+        let key = KeyAlg::EcP256.generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(who.to_string().try_into().unwrap())];
+        p.custom_extensions.push(unknown_critical());
+        let leaf = p.signed_by(&key, &issuer).unwrap();
+        let mut chain = vec![leaf.der().to_vec()];
+        chain.extend(ders(&cas));
+        let e = verify_chain(&chain, &ders(std::slice::from_ref(&root)), now).unwrap_err();
+        assert!(e.contains("critical extension"), "{e}");
+    }
+
+    #[test]
+    fn ttl_policy_is_bounded_everywhere() {
+        let now = SystemTime::now();
+        let year = Duration::from_secs(365 * 86400);
+        let d = TempDir::new("ttl-bound");
+        let too_long = TtlPolicy {
+            default_ttl: DEFAULT_TTL,
+            max_ttl: year + Duration::from_secs(1),
+        };
+        let e = Ca::init_with(d.path(), "td", KeyAlg::EcP256, too_long, now).unwrap_err();
+        assert!(matches!(e, CaError::BadTtl(_)), "{e}");
+        assert!(!d.path().join(ROOT_KEY_FILE).exists());
+        let ok = TtlPolicy {
+            default_ttl: DEFAULT_TTL,
+            max_ttl: year,
+        };
+        let mut ca = Ca::init_with(d.path(), "td", KeyAlg::EcP256, ok, now).unwrap();
+        assert!(matches!(
+            ca.set_ttl_policy(too_long),
+            Err(CaError::BadTtl(_))
+        ));
+
+        // Whatever ca.json says: an error naming the file and field, never a panic, and a
+        // refused rotation leaves every file as it was.
+        let meta_path = d.path().join(METADATA_FILE);
+        let good: serde_json::Value =
+            serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+        let files = |dir: &Path| {
+            let mut v: Vec<_> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.file_name(), fs::read(e.path()).unwrap())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        for (default, max) in [
+            (u64::MAX, u64::MAX),
+            (1, u64::MAX),
+            (1, i64::MAX as u64 + 1),
+            (1, year.as_secs() + 1),
+            (year.as_secs() + 1, year.as_secs() + 1),
+            (0, 0),
+            (7200, 3600),
+        ] {
+            let mut m = good.clone();
+            m["default_ttl_seconds"] = default.into();
+            m["max_ttl_seconds"] = max.into();
+            fs::write(&meta_path, serde_json::to_vec(&m).unwrap()).unwrap();
+            let e = Ca::load_at(d.path(), None, now).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, CaError::Metadata { .. }), "{text}");
+            assert!(text.contains("ca.json"), "{text}");
+            assert!(text.contains("max_ttl_seconds"), "{text}");
+            let before = files(d.path());
+            assert!(Ca::rotate_root(d.path(), now).is_err());
+            assert_eq!(before, files(d.path()), "{default}/{max}");
+        }
+        fs::write(&meta_path, serde_json::to_vec(&good).unwrap()).unwrap();
+        Ca::load_at(d.path(), None, now).unwrap();
+        let _ = ca;
+    }
+
+    #[test]
+    fn max_ttl_must_fit_in_the_signing_certificate() {
+        let now = SystemTime::now();
+        let td = Some("example.org");
+        let d = TempDir::new("plugin-short");
+        let (root, cas, key, _) = tweaked_pki(now, &[one_day_left]);
+        write_plugin(d.path(), &root, &cas, &key);
+        // The default 48 h maximum outlives the CA certificate.
+        let e = Ca::load_with(d.path(), td).unwrap_err();
+        assert!(matches!(e, CaError::BadTtl(_)), "{e}");
+        assert!(e.to_string().contains("ca-cert.pem"), "{e}");
+        fs::write(
+            d.path().join(METADATA_FILE),
+            r#"{"trust_domain": "example.org", "max_ttl_seconds": 172800}"#,
+        )
+        .unwrap();
+        let e = Ca::load(d.path()).unwrap_err();
+        assert!(matches!(e, CaError::Metadata { .. }), "{e}");
+        fs::write(
+            d.path().join(METADATA_FILE),
+            r#"{"trust_domain": "example.org", "max_ttl_seconds": 3600, "default_ttl_seconds": 600}"#,
+        )
+        .unwrap();
+        Ca::load(d.path()).unwrap();
+
+        // A Warden root close to its end cannot serve a long maximum, but can be rotated.
+        let d = TempDir::new("warden-short");
+        let t0 = SystemTime::now();
+        let ca = Ca::init_with(
+            d.path(),
+            "cluster.local",
+            KeyAlg::EcP256,
+            TtlPolicy::default(),
+            t0,
+        )
+        .unwrap();
+        let (_, end) = ca.issuer_validity();
+        let late = end - Duration::from_secs(3600);
+        assert!(matches!(
+            Ca::load_at(d.path(), None, late),
+            Err(CaError::Metadata { .. })
+        ));
+        let rotated = Ca::rotate_root(d.path(), late).unwrap();
+        assert_eq!(rotated.bundle().roots_der.len(), 2);
+    }
+
+    #[test]
+    fn retire_after_is_never_garbage() {
+        let d = TempDir::new("retire");
+        let t0 = SystemTime::now();
+        Ca::init_with(
+            d.path(),
+            "cluster.local",
+            KeyAlg::EcP256,
+            TtlPolicy::default(),
+            t0,
+        )
+        .unwrap();
+        let t1 = t0 + Duration::from_secs(60);
+        Ca::rotate_root(d.path(), t1).unwrap();
+        let meta_path = d.path().join(METADATA_FILE);
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+        let written = meta["roots"][1]["retire_after"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            parse_rfc3339(&written).map(secs),
+            Ok(secs(t1) + DEFAULT_MAX_TTL.as_secs() as i64 + 300)
+        );
+
+        // A retired root kept for centuries is refused, not trusted.
+        meta["roots"][1]["retire_after"] = "9999-12-31T23:59:59Z".into();
+        fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let e = Ca::load_at(d.path(), None, t1).unwrap_err();
+        assert!(e.to_string().contains("roots[1].retire_after"), "{e}");
+        for junk in ["@12345", "tomorrow", ""] {
+            meta["roots"][1]["retire_after"] = junk.into();
+            fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+            let e = Ca::load_at(d.path(), None, t1).unwrap_err();
+            assert!(e.to_string().contains("roots[1].retire_after"), "{e}");
+            assert!(Ca::rotate_root(d.path(), t1).is_err());
+        }
+
+        // Carried over by a second rotation: never later than the new retirement.
+        meta["roots"][1]["retire_after"] = written.as_str().into();
+        fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let t2 = t1 + Duration::from_secs(60);
+        Ca::rotate_root(d.path(), t2).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+        for r in meta["roots"].as_array().unwrap().iter().skip(1) {
+            let t = parse_rfc3339(r["retire_after"].as_str().unwrap()).unwrap();
+            assert!(secs(t) <= secs(t2) + DEFAULT_MAX_TTL.as_secs() as i64 + 300);
+        }
     }
 }

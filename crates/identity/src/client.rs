@@ -370,10 +370,17 @@ impl ServerCertVerifier for CaServerVerifier {
 }
 
 /// A P-256 key (PKCS#8 DER) and a PEM CSR whose only name is `id`.
-/// A fresh P-256 key, generated in this process's memory, and a CSR (PEM) for `id`.
+/// A fresh P-256 key and a CSR (PEM) for `id`.
 pub(crate) fn generate_key_and_csr(id: &SpiffeId) -> Result<(Vec<u8>, String), String> {
-    let (key, csr_der) =
-        crate::csr::generate_csr(id, crate::ca::KeyAlg::EcP256).map_err(|e| e.to_string())?;
+    generate_key_and_csr_with(id, crate::ca::KeyAlg::EcP256)
+}
+
+/// A fresh key of the given type, generated in this process's memory, and a CSR (PEM) for `id`.
+pub(crate) fn generate_key_and_csr_with(
+    id: &SpiffeId,
+    alg: crate::ca::KeyAlg,
+) -> Result<(Vec<u8>, String), String> {
+    let (key, csr_der) = crate::csr::generate_csr(id, alg).map_err(|e| e.to_string())?;
     let pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr_der));
     Ok((key, pem))
 }
@@ -428,6 +435,8 @@ pub struct CertClientConfig {
     pub bootstrap: Bootstrap,
     /// Lifetime to ask for (`None`: the CA's default).
     pub requested_ttl: Option<Duration>,
+    /// Key type generated for each certificate (P-256 unless RSA is asked for).
+    pub key_alg: crate::ca::KeyAlg,
     /// First retry delay after a failure; doubles up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -441,6 +450,7 @@ impl CertClientConfig {
             bundle,
             bootstrap,
             requested_ttl: None,
+            key_alg: crate::ca::KeyAlg::EcP256,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
         }
@@ -557,7 +567,8 @@ impl CertClient {
             (None, None) => Credential::None,
         };
         let bundle = self.bundle.borrow().clone();
-        let (key, csr) = generate_key_and_csr(&self.cfg.id).map_err(ClientError::Csr)?;
+        let (key, csr) =
+            generate_key_and_csr_with(&self.cfg.id, self.cfg.key_alg).map_err(ClientError::Csr)?;
         let req = IstioCertificateRequest {
             csr,
             validity_duration: self
@@ -886,7 +897,7 @@ mod tests {
     #[test]
     fn csr_names_only_the_spiffe_id() {
         let id = SpiffeId::new("cluster.local", "ns1", "sa1").unwrap();
-        let (_key, pem) = generate_key_and_csr(&id).unwrap();
+        let (_key, pem) = generate_key_and_csr_with(&id, crate::ca::KeyAlg::Rsa2048).unwrap();
         assert_eq!(crate::service::csr_identity(&pem).unwrap(), id);
     }
 }

@@ -201,7 +201,134 @@ pub fn rfc3339(t: SystemTime) -> String {
 /// Verify `chain` (leaf first, DER) up to one of `roots` (DER) at `now`: every signature,
 /// issuer/subject name links, validity periods, that every issuer is a CA allowed to sign
 /// certificates, and path-length constraints. SHA-1 signatures are refused. Returns why not.
+///
+/// When the first certificate is a workload certificate (not a CA), the chain must also pass
+/// webpki, as TLS peers check it, for serverAuth or clientAuth (names are not checked): so
+/// "verified" is never claimed for a chain that handshakes would refuse (name constraints,
+/// unknown critical extensions, anything else webpki enforces).
 pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: SystemTime) -> Result<(), String> {
+    verify_chain_fields(chain, roots, now)?;
+    let leaf = parse(&chain[0], "certificate 1")?;
+    if leaf.is_ca() {
+        return Ok(());
+    }
+    webpki_verify(&chain[0], &chain[1..], roots, now)
+        .map_err(|e| format!("certificate 1 ({}): {e}", name(&leaf)))
+}
+
+/// What webpki, as TLS peers run it, says of `leaf` issued through `intermediates` (DER,
+/// any order) up to one of `roots` at `now`: accepted for serverAuth or for clientAuth.
+/// Subject names are not checked; the error says why in words.
+pub(crate) fn webpki_verify(
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: SystemTime,
+) -> Result<(), String> {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    let leaf = CertificateDer::from(leaf);
+    let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| webpki_reason(&e))?;
+    let mut anchors = Vec::with_capacity(roots.len());
+    for (i, r) in roots.iter().enumerate() {
+        let der = CertificateDer::from(r.as_slice());
+        match webpki::anchor_from_trusted_cert(&der) {
+            Ok(a) => anchors.push(a.to_owned()),
+            Err(e) => {
+                return Err(format!(
+                    "bundle root {} is not usable as a trust anchor: {}",
+                    i + 1,
+                    webpki_reason(&e)
+                ))
+            }
+        }
+    }
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let algs = provider.signature_verification_algorithms.all;
+    let secs = u64::try_from(unix_secs(now)).unwrap_or(0);
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs));
+    let verify = |usage| {
+        ee.verify_for_usage(algs, &anchors, &intermediates, time, usage, None, None)
+            .map(|_| ())
+    };
+    match verify(webpki::KeyUsage::server_auth()) {
+        Ok(()) => Ok(()),
+        Err(server) => match verify(webpki::KeyUsage::client_auth()) {
+            Ok(()) => Ok(()),
+            // Both fail alike unless the usage was the problem; report the informative one.
+            Err(client) => Err(webpki_reason(if is_eku_error(&server) {
+                &client
+            } else {
+                &server
+            })),
+        },
+    }
+}
+
+fn is_eku_error(e: &webpki::Error) -> bool {
+    matches!(
+        e,
+        webpki::Error::RequiredEkuNotFoundContext(_) | webpki::Error::EmptyEkuExtension
+    )
+}
+
+/// A webpki refusal in words.
+pub(crate) fn webpki_reason(e: &webpki::Error) -> String {
+    use webpki::Error as E;
+    let text = match e {
+        E::NameConstraintViolation => {
+            "a CA certificate's name constraints exclude the certificate's names (TLS peers \
+             refuse any URI name constraint, so a SPIFFE ID under one never verifies)"
+        }
+        E::PathLenConstraintViolated => {
+            "a CA certificate's path length constraint is exceeded: more intermediate CAs sit \
+             below it than it allows"
+        }
+        E::UnsupportedCriticalExtension => {
+            "a certificate carries a critical extension that TLS peers do not understand"
+        }
+        E::CaUsedAsEndEntity => "a CA certificate is used as the end-entity certificate",
+        E::EndEntityUsedAsCa => "a certificate that is not a CA (CA:false) issues certificates",
+        E::CertExpired { .. } => "a certificate in the chain has expired",
+        E::CertNotValidYet { .. } => "a certificate in the chain is not valid yet",
+        E::UnknownIssuer => "the chain does not lead to a root in the bundle",
+        E::InvalidSignatureForPublicKey => "a signature does not verify with its issuer's key",
+        E::UnsupportedSignatureAlgorithmContext(_)
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+        | E::SignatureAlgorithmMismatch => {
+            "a signature uses an algorithm TLS peers do not accept (e.g. SHA-1)"
+        }
+        E::RequiredEkuNotFoundContext(_) | E::EmptyEkuExtension => {
+            "the extendedKeyUsage allows neither serverAuth nor clientAuth"
+        }
+        E::MalformedNameConstraint | E::InvalidNetworkMaskConstraint => {
+            "a CA certificate's name constraints are malformed"
+        }
+        E::UnsupportedCertVersion => "a certificate is not X.509 version 3",
+        E::MaximumPathDepthExceeded => "the chain has too many intermediate CAs",
+        _ => return format!("TLS peers refuse the chain ({})", variant_name(e)),
+    };
+    format!("{text} ({})", variant_name(e))
+}
+
+/// `NameConstraintViolation` rather than a context struct's every byte.
+fn variant_name(e: &webpki::Error) -> String {
+    let debug = format!("{e:?}");
+    let end = debug
+        .find(|c: char| !c.is_ascii_alphanumeric())
+        .unwrap_or(debug.len());
+    debug[..end].to_string()
+}
+
+/// The checks of [`verify_chain`] on certificate fields, with messages naming the certificate.
+fn verify_chain_fields(
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: SystemTime,
+) -> Result<(), String> {
     if chain.is_empty() {
         return Err("empty chain".into());
     }

@@ -8,7 +8,8 @@
 //!
 //! The server presents its own SVID, `spiffe://<td>/ns/warden-system/sa/warden-ca`, issued by the
 //! signer at startup and renewed at half its lifetime; clients check that SPIFFE ID against their
-//! trust bundle (secure naming), not a DNS name.
+//! trust bundle (secure naming), not a DNS name. That identity is therefore never issued to a
+//! caller, whether by bootstrap token or by renewal.
 
 use std::io;
 use std::net::SocketAddr;
@@ -439,6 +440,19 @@ impl<S: CertSigner> CaService<S> {
         let entitled = match &caller {
             Caller::Certificate(id) | Caller::Token(_, id) => id.clone(),
         };
+        // The CA's own identity is what every client checks the CA service against (secure
+        // naming): whoever held a certificate for it could impersonate the CA to workloads.
+        // The server's own certificate is issued through the signer directly, never here.
+        if ca_identity(&self.trust_domain).is_ok_and(|ca| ca == entitled) {
+            let how = match caller {
+                Caller::Certificate(_) => "renewal with a client certificate",
+                Caller::Token(..) => "a bootstrap token",
+            };
+            return Err(Status::permission_denied(format!(
+                "{entitled} is the CA service's own identity and is never issued to a caller \
+                 (requested through {how})"
+            )));
+        }
         if entitled.trust_domain() != self.trust_domain {
             return Err(Status::permission_denied(format!(
                 "{entitled} is not in this CA's trust domain {}",
@@ -466,17 +480,6 @@ impl<S: CertSigner> CaService<S> {
             }
         };
 
-        let how = match caller {
-            Caller::Certificate(_) => "certificate",
-            Caller::Token(t, id) => {
-                // Spent only now that the request is known to be good, and atomically: a
-                // concurrent request with the same last use loses here.
-                self.with_tokens(t, move |s, t| s.consume_for(&t, &id, now))
-                    .await?;
-                "bootstrap token"
-            }
-        };
-
         let (chain, roots) = self
             .signer
             .sign(req.csr.as_bytes(), &entitled, ttl)
@@ -486,6 +489,20 @@ impl<S: CertSigner> CaService<S> {
                 "the CA returned no certificate or no root",
             ));
         }
+
+        let how = match caller {
+            Caller::Certificate(_) => "certificate",
+            Caller::Token(t, id) => {
+                // Spent only once the certificate exists, so that a CSR the signer refuses
+                // does not burn the token, and atomically just before returning: when
+                // concurrent requests race for the last use, the losers' certificates are
+                // dropped here, unseen, and an N-use token yields at most N certificates.
+                self.with_tokens(t, move |s, t| s.consume_for(&t, &id, now))
+                    .await?;
+                "bootstrap token"
+            }
+        };
+
         // Istio's layout without `root_cert`: leaf, intermediates, then every trusted root in
         // one last entry, which old and new Istio clients alike read as the root bundle.
         let roots_pem: Vec<String> = roots.iter().map(|r| r.trim().to_string()).collect();

@@ -78,6 +78,8 @@ struct TestSigner {
     /// Every root, and which one signs.
     roots: Mutex<(Vec<Root>, usize)>,
     issued: Mutex<Vec<SpiffeId>>,
+    /// When set, every signing request is refused with this reason.
+    refuse: Mutex<Option<String>>,
 }
 
 impl TestSigner {
@@ -87,6 +89,7 @@ impl TestSigner {
             lifetime,
             roots: Mutex::new((Vec::new(), 0)),
             issued: Mutex::new(Vec::new()),
+            refuse: Mutex::new(None),
         };
         s.add_root();
         Arc::new(s)
@@ -147,6 +150,9 @@ impl CertSigner for TestSigner {
         entitled: &SpiffeId,
         ttl: Option<Duration>,
     ) -> Result<(Vec<String>, Vec<String>), String> {
+        if let Some(why) = self.refuse.lock().unwrap().clone() {
+            return Err(why);
+        }
         let pem = std::str::from_utf8(csr_pem).map_err(|e| e.to_string())?;
         let mut csr = CertificateSigningRequestParams::from_pem(pem).map_err(|e| e.to_string())?;
         let now = self.clock.now();
@@ -727,5 +733,194 @@ fn wire_compatible_with_istio() {
         let v = cert.validity();
         // The requested lifetime was honoured (plus the signer's one-minute back-dating).
         assert_eq!(v.not_after.timestamp() - v.not_before.timestamp(), 660);
+    });
+}
+
+/// Uses left on the one token in the store.
+fn uses_left(env: &Env) -> u32 {
+    let list = env.tokens.list().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    list[0].uses_left
+}
+
+#[test]
+fn the_ca_identity_is_never_issued_to_a_caller() {
+    bounded(false, || async {
+        let env = Env::start("ca-id", Arc::new(SystemClock), HOUR).await;
+        let ca = ca_identity(TD).unwrap();
+        // The service did get its own certificate, through the signer.
+        assert_eq!(env.signer.issued(), vec![ca.clone()]);
+
+        let token = env.mint(&ca, Duration::from_secs(600), 1);
+        let (_, csr) = csr_for(&[ca.to_string()]);
+        refused(
+            env.call(Credential::Token(&token), csr.clone()).await,
+            Code::PermissionDenied,
+            "spiffe://cluster.local/ns/warden-system/sa/warden-ca is the CA service's own \
+             identity and is never issued to a caller (requested through a bootstrap token)",
+        );
+        assert_eq!(uses_left(&env), 1, "a refused request spends no token");
+
+        // Nor by renewal, even with a genuine certificate for that identity.
+        let stolen = env.signer.issue_directly(&ca);
+        refused(
+            env.call(Credential::Svid(&stolen), csr).await,
+            Code::PermissionDenied,
+            "never issued to a caller (requested through renewal with a client certificate)",
+        );
+        assert_eq!(
+            env.signer.issued().len(),
+            2,
+            "the server's own certificate and the test's direct one only"
+        );
+    });
+}
+
+#[test]
+fn a_csr_the_signer_refuses_does_not_spend_the_token() {
+    bounded(false, || async {
+        let env = Env::start("signer-refuses", Arc::new(SystemClock), HOUR).await;
+        let web = id("shop", "web");
+        let token = env.mint(&web, Duration::from_secs(600), 1);
+        let (_, csr) = csr_for(&[web.to_string()]);
+
+        *env.signer.refuse.lock().unwrap() = Some("the HSM is unavailable".into());
+        refused(
+            env.call(Credential::Token(&token), csr.clone()).await,
+            Code::InvalidArgument,
+            "the CA refused to sign: the HSM is unavailable",
+        );
+        assert_eq!(uses_left(&env), 1);
+
+        *env.signer.refuse.lock().unwrap() = None;
+        env.call(Credential::Token(&token), csr.clone())
+            .await
+            .unwrap();
+        assert_eq!(uses_left(&env), 0);
+        refused(
+            env.call(Credential::Token(&token), csr).await,
+            Code::Unauthenticated,
+            "used up",
+        );
+    });
+}
+
+#[test]
+fn concurrent_requests_with_an_n_use_token_get_at_most_n_certificates() {
+    bounded(false, || async {
+        let env = Arc::new(Env::start("token-race", Arc::new(SystemClock), HOUR).await);
+        let web = id("shop", "web");
+        let token = env.mint(&web, Duration::from_secs(600), 3);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (env, token, web) = (env.clone(), token.clone(), web.clone());
+            calls.spawn(async move {
+                let (_, csr) = csr_for(&[web.to_string()]);
+                env.call(Credential::Token(&token), csr).await
+            });
+        }
+        let (mut ok, mut used_up) = (0, 0);
+        while let Some(r) = calls.join_next().await {
+            match r.unwrap() {
+                Ok(resp) => {
+                    assert_eq!(uri_sans(&der(&resp.cert_chain[0])), vec![web.to_string()]);
+                    ok += 1;
+                }
+                Err(ClientError::Refused { code, message }) => {
+                    assert_eq!(code, Code::Unauthenticated, "{message}");
+                    assert!(message.contains("used up"), "{message}");
+                    used_up += 1;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert_eq!((ok, used_up), (3, 5));
+        assert_eq!(uses_left(&env), 0);
+    });
+}
+
+/// CSRs that pass the service's own checks (or not) but that the real CA refuses: none of
+/// them may burn a one-use token.
+#[test]
+fn csrs_the_real_ca_refuses_do_not_spend_the_token() {
+    use warden_identity::ca::{Ca, KeyAlg};
+    use warden_identity::signer::CaSigner;
+
+    // Made with `openssl req` (rcgen cannot sign with these): the same SAN as `web` below.
+    const RSA_1024_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIIBjjCB+AIBADAMMQowCAYDVQQKDAFUMIGfMA0GCSqGSIb3DQEBAQUAA4GNADCB
+iQKBgQDRVfx554fIhzgfdYnZeZg7u780i78rk1N8kPdv+uCbdLsWSwmjfjYCShw7
+otlzs9GRSLt9c6Fd0y5vXTI2d5J36AC05Vx/gE19Eu+eagtz8DHF0hfzpUoTf4xg
+pSMGhRe9yPcCGkkSPJP6HsbSIbXqNpxLeBRAyHdrE98czbBY8wIDAQABoEMwQQYJ
+KoZIhvcNAQkOMTQwMjAwBgNVHREEKTAnhiVzcGlmZmU6Ly9jbHVzdGVyLmxvY2Fs
+L25zL3Nob3Avc2Evd2ViMA0GCSqGSIb3DQEBCwUAA4GBABUvOcfIsVlvrT8Lc+2V
+nTYQFH7VjQOaMBXcQoH67uXUcoLiCfaaJRwQMijbl79Jl+8S7ECYSGLyx/KS/9WU
+YWIT4vDPy1AHZT5ciJDLFFDGLaqAnt+CCPIpcDqGWyytDznf6GUcLJH1NxZg82o/
+13/rBldDfRI33kR/dx9zhtm8
+-----END CERTIFICATE REQUEST-----
+";
+    const ECDSA_SHA1_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIIBCTCBsQIBADAMMQowCAYDVQQKDAFUMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcD
+QgAEz7BhES829okpRmln+h0UQlUgIWTW4//4ebJTTMMCPVfvLTerBjK0MaRFueeH
+7uHyWoy2hI2yQeIJCajsPmeWdqBDMEEGCSqGSIb3DQEJDjE0MDIwMAYDVR0RBCkw
+J4Ylc3BpZmZlOi8vY2x1c3Rlci5sb2NhbC9ucy9zaG9wL3NhL3dlYjAJBgcqhkjO
+PQQBA0gAMEUCIAIKwR0Szu1N+1YxGFDi2amruUPI1AGv8ACaWy+RUf1PAiEA6FNI
+UQxjtgieVMxjAkl4h60x/mVo3+Bx9xrhheudUWw=
+-----END CERTIFICATE REQUEST-----
+";
+    bounded(false, || async {
+        let dir = temp_dir("real-ca-refusals");
+        let ca = Ca::init(&dir, TD, KeyAlg::EcP256).unwrap();
+        let bundle = ca.bundle();
+        let signer = Arc::new(CaSigner::new(ca));
+        let tokens = Arc::new(TokenStore::open(&dir));
+        let web = id("shop", "web");
+        let token = tokens.mint(&web, Duration::from_secs(600), 1).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opts = CaServerOptions {
+            tokens: Some(tokens.clone()),
+            ..CaServerOptions::default()
+        };
+        let server = CaServer::start(listener, signer, opts).await.unwrap();
+        let ep = CaEndpoint::new(addr.to_string(), TD).unwrap();
+
+        let csr_with = |alg: &'static rcgen::SignatureAlgorithm, ca: bool| {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let mut p = CertificateParams::default();
+            p.distinguished_name = DistinguishedName::new();
+            p.subject_alt_names = vec![SanType::URI(web.to_string().try_into().unwrap())];
+            if ca {
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            }
+            p.serialize_request(&key).unwrap().pem().unwrap()
+        };
+        let bad = [
+            ("Ed25519 key", csr_with(&rcgen::PKCS_ED25519, false)),
+            ("RSA-1024 key", RSA_1024_CSR.to_string()),
+            ("SHA-1 signature", ECDSA_SHA1_CSR.to_string()),
+            ("CA:true", csr_with(&rcgen::PKCS_ECDSA_P256_SHA256, true)),
+        ];
+        for (what, csr) in bad {
+            let r = ep
+                .create_certificate(&bundle, Credential::Token(&token), request(csr))
+                .await;
+            match r {
+                Err(ClientError::Refused { code, message }) => {
+                    assert_eq!(code, Code::InvalidArgument, "{what}: {message}")
+                }
+                other => panic!("{what}: expected a refusal, got {other:?}"),
+            }
+            assert_eq!(tokens.list().unwrap()[0].uses_left, 1, "{what}");
+        }
+        let good = csr_with(&rcgen::PKCS_ECDSA_P256_SHA256, false);
+        let resp = ep
+            .create_certificate(&bundle, Credential::Token(&token), request(good))
+            .await
+            .unwrap();
+        assert_eq!(uri_sans(&der(&resp.cert_chain[0])), vec![web.to_string()]);
+        assert_eq!(tokens.list().unwrap()[0].uses_left, 0);
+        server.shutdown().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     });
 }

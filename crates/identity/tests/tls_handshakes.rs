@@ -78,8 +78,14 @@ impl Ca {
     }
 
     fn intermediate(&self, cn: &str) -> Ca {
+        self.intermediate_with(cn, |_| {})
+    }
+
+    /// An intermediate that `tweak` may break.
+    fn intermediate_with(&self, cn: &str, tweak: impl FnOnce(&mut CertificateParams)) -> Ca {
         let key = KeyPair::generate().unwrap();
-        let params = ca_params(cn);
+        let mut params = ca_params(cn);
+        tweak(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Ca {
             der: cert.der().to_vec(),
@@ -91,15 +97,46 @@ impl Ca {
 
 /// A root and the intermediate that signs workload certificates, as with a plug-in CA.
 struct Pki {
-    root: Ca,
+    root: Arc<Ca>,
     inter: Ca,
+    /// Intermediates between `inter` and the root, `inter`'s issuer first.
+    above: Vec<Vec<u8>>,
 }
+
+type Tweak = fn(&mut CertificateParams);
 
 impl Pki {
     fn new(name: &str) -> Pki {
-        let root = Ca::root(&format!("{name} root"));
+        let root = Arc::new(Ca::root(&format!("{name} root")));
         let inter = root.intermediate(&format!("{name} intermediate"));
-        Pki { root, inter }
+        Pki {
+            root,
+            inter,
+            above: vec![],
+        }
+    }
+
+    /// The same root → one new intermediate per tweak, outermost first; the last signs the
+    /// leaves.
+    fn with_intermediates(&self, name: &str, tweaks: &[Tweak]) -> Pki {
+        let root = self.root.clone();
+        let mut above = vec![];
+        let mut inter: Option<Ca> = None;
+        for (i, tweak) in tweaks.iter().enumerate() {
+            let cn = format!("{name} intermediate {i}");
+            let next = match &inter {
+                None => root.intermediate_with(&cn, tweak),
+                Some(parent) => parent.intermediate_with(&cn, tweak),
+            };
+            if let Some(parent) = inter.replace(next) {
+                above.insert(0, parent.der);
+            }
+        }
+        Pki {
+            root,
+            inter: inter.expect("at least one intermediate"),
+            above,
+        }
     }
 
     fn bundle(&self) -> TrustBundle {
@@ -122,8 +159,10 @@ impl Pki {
         p.extended_key_usages = vec![Eku::ServerAuth, Eku::ClientAuth];
         tweak(&mut p);
         let cert = p.signed_by(&key, &self.inter.issuer).unwrap();
+        let mut chain = vec![cert.der().to_vec(), self.inter.der.clone()];
+        chain.extend(self.above.iter().cloned());
         Leaf {
-            chain: vec![cert.der().to_vec(), self.inter.der.clone()],
+            chain,
             pem: cert.pem(),
             key,
         }
@@ -142,7 +181,7 @@ fn uri_san(uri: &str) -> SanType {
 }
 
 struct Leaf {
-    /// Leaf, then the intermediate.
+    /// Leaf, then the intermediates.
     chain: Vec<Vec<u8>>,
     pem: String,
     key: KeyPair,
@@ -420,6 +459,22 @@ async fn mtls_handshake_both_sides_see_each_others_spiffe_id() {
 
 type Check = Option<fn(&SpiffeTlsError) -> bool>;
 
+fn invalid_chain(e: &SpiffeTlsError, webpki_error: &str) -> bool {
+    matches!(e, SpiffeTlsError::InvalidChain(m) if m.contains(webpki_error))
+}
+
+/// A critical nameConstraints extension permitting only URIs on `host` (rcgen has no URI
+/// subtrees).
+fn uri_name_constraint(host: &str) -> rcgen::CustomExtension {
+    let host = host.as_bytes();
+    let n = host.len() as u8;
+    let mut der = vec![0x30, n + 6, 0xa0, n + 4, 0x30, n + 2, 0x86, n];
+    der.extend_from_slice(host);
+    let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 30], der);
+    ext.set_criticality(true);
+    ext
+}
+
 /// Every defect of point 5, presented by a server to a Warden client and by a client to a
 /// Warden server; each must fail with its own error (or pass, where the defect does not
 /// concern that direction).
@@ -428,6 +483,26 @@ async fn every_defective_peer_certificate_is_refused_with_its_own_error() {
     bounded(async {
         let pki = Pki::new("mesh");
         let other = Pki::new("someone else");
+        // Defects one level up: the peer's leaf is fine, its intermediate is not.
+        let not_a_ca = pki.with_intermediates("not a CA", &[|p| {
+            p.is_ca = IsCa::ExplicitNoCa;
+        }]);
+        let under_pathlen_0 = pki.with_intermediates(
+            "pathlen",
+            &[|p| p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0)), |_| {}],
+        );
+        let expired_intermediate = pki.with_intermediates("expired", &[|p| {
+            p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }]);
+        let uri_constrained = pki.with_intermediates("constrained", &[|p| {
+            p.custom_extensions.push(uri_name_constraint("other.td"));
+        }]);
+        let unknown_critical = pki.with_intermediates("unknown extension", &[|p| {
+            let mut ext = rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 55555, 1], vec![5, 0]);
+            ext.set_criticality(true);
+            p.custom_extensions.push(ext);
+        }]);
         let good_client = state(&pki.leaf(&workload("sleep").to_string()), pki.bundle());
         let good_server = state(&pki.leaf(&workload("httpbin").to_string()), pki.bundle());
 
@@ -531,6 +606,36 @@ async fn every_defective_peer_certificate_is_refused_with_its_own_error() {
                 }),
                 Some(|e| *e == SpiffeTlsError::CaCertAsLeaf),
                 Some(|e| *e == SpiffeTlsError::CaCertAsLeaf),
+            ),
+            (
+                "an intermediate with CA:false",
+                not_a_ca.leaf_with(|_| {}),
+                Some(|e| invalid_chain(e, "EndEntityUsedAsCa")),
+                Some(|e| invalid_chain(e, "EndEntityUsedAsCa")),
+            ),
+            (
+                "an intermediate below a pathlen:0 intermediate",
+                under_pathlen_0.leaf_with(|_| {}),
+                Some(|e| invalid_chain(e, "PathLenConstraintViolated")),
+                Some(|e| invalid_chain(e, "PathLenConstraintViolated")),
+            ),
+            (
+                "an expired intermediate",
+                expired_intermediate.leaf_with(|_| {}),
+                Some(|e| matches!(e, SpiffeTlsError::Expired { not_after, now } if not_after < now)),
+                Some(|e| matches!(e, SpiffeTlsError::Expired { .. })),
+            ),
+            (
+                "an intermediate whose name constraints exclude the trust domain",
+                uri_constrained.leaf_with(|_| {}),
+                Some(|e| invalid_chain(e, "NameConstraintViolation")),
+                Some(|e| invalid_chain(e, "NameConstraintViolation")),
+            ),
+            (
+                "an intermediate with an unknown critical extension",
+                unknown_critical.leaf_with(|_| {}),
+                Some(|e| invalid_chain(e, "UnsupportedCriticalExtension")),
+                Some(|e| invalid_chain(e, "UnsupportedCriticalExtension")),
             ),
         ];
 
@@ -823,19 +928,55 @@ async fn without_an_svid_handshakes_fail_closed() {
 
 // ---------------------------------------------------------------- OpenSSL as an outside peer
 
+/// Whether the OpenSSL interop tests can run. Where they cannot, they are skipped with the
+/// reason printed, except under CI (`CI` set, as every CI system does), where a missing
+/// `openssl` is a failure: a CI job that silently skips interop proves nothing.
 fn openssl_installed() -> bool {
-    match std::process::Command::new("openssl")
-        .arg("version")
-        .output()
-    {
-        Ok(out) if out.status.success() => true,
-        _ => {
-            eprintln!(
-                "SKIPPED: `openssl` is not installed; CI installs it (apt-get install openssl)"
-            );
-            false
-        }
+    match openssl_check("openssl", std::env::var_os("CI")) {
+        Ok(found) => found,
+        Err(why) => panic!("{why}"),
     }
+}
+
+/// `Ok(true)`: `program` runs; `Ok(false)`: it does not and the test is skipped (reason
+/// printed); `Err`: it does not and `ci` says this is CI.
+fn openssl_check(program: &str, ci: Option<std::ffi::OsString>) -> Result<bool, String> {
+    let works = matches!(
+        std::process::Command::new(program)
+            .arg("version")
+            .stdin(Stdio::null())
+            .output(),
+        Ok(out) if out.status.success()
+    );
+    if works {
+        return Ok(true);
+    }
+    let on_ci = ci.is_some_and(|v| {
+        let v = v.to_string_lossy().trim().to_ascii_lowercase();
+        !(v.is_empty() || v == "0" || v == "false")
+    });
+    if on_ci {
+        Err(format!(
+            "`{program}` is not installed, and CI is set: the OpenSSL interop tests must run \
+             in CI (apt-get install openssl)"
+        ))
+    } else {
+        eprintln!(
+            "SKIPPED: `{program}` is not installed; CI installs it (apt-get install openssl)"
+        );
+        Ok(false)
+    }
+}
+
+#[test]
+fn a_missing_openssl_fails_under_ci_and_is_skipped_elsewhere() {
+    let missing = "warden-test-no-such-openssl";
+    let err = openssl_check(missing, Some("true".into())).unwrap_err();
+    assert!(err.contains("CI is set"), "{err}");
+    assert!(openssl_check(missing, Some("1".into())).is_err());
+    assert_eq!(openssl_check(missing, None), Ok(false));
+    assert_eq!(openssl_check(missing, Some("".into())), Ok(false));
+    assert_eq!(openssl_check(missing, Some("false".into())), Ok(false));
 }
 
 /// A scratch directory for PEM files, removed on drop.

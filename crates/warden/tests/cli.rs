@@ -915,6 +915,8 @@ fn ca_serve_follows_a_root_rotation() {
     let chain = issue(&token(&ca), roots(&bundle_path));
     warden_identity::inspect::verify_chain(&chain, &new_root, std::time::SystemTime::now())
         .expect("signed by the new root without a restart");
+    let _ = child.kill();
+    let _ = child.wait();
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

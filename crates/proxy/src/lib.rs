@@ -1,0 +1,14 @@
+//! Warden's data plane. This crate owns the listeners beside a workload, TLS termination with
+//! the workload's SVID, HTTP/1.1, HTTP/2 and opaque TCP handling, and forwarding to the app. It
+//! decides nothing itself: every request and connection goes through
+//! [`warden_policy::engine::WorkloadPolicy::evaluate`], the function `warden check` uses too.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod inbound;
+pub mod ports;
+mod sniff;
+
+pub use error::ProxyError;
+pub use inbound::{InboundListener, InboundProxy};
+pub use ports::{on_loopback, port_table, InboundPort, PortProtocol, PortSettings};

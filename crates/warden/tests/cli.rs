@@ -56,6 +56,15 @@ fn warden(args: &[&str]) -> Out {
     }
 }
 
+/// A fresh folder under the system temp dir, unique to this process and call.
+fn temp_dir(prefix: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()))
+}
+
 /// Compares with a golden file, making paths in the output independent of the checkout.
 fn golden(name: &str, actual: &str) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -654,11 +663,7 @@ fn describe_refused_custom_token_and_other_ports() {
 
 #[test]
 fn ca_commands_issue_inspect_rotate() {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let tmp = std::env::temp_dir().join(format!("warden-cli-ca-{}-{nanos}", std::process::id()));
+    let tmp = temp_dir("warden-cli-ca");
     let ca = tmp.join("ca").display().to_string();
     let out = tmp.join("web").display().to_string();
     let o = warden(&["ca", "init", "--dir", &ca, "--trust-domain", "example.org"]);
@@ -731,11 +736,7 @@ fn ca_commands_issue_inspect_rotate() {
 
 #[test]
 fn ca_max_ttl_clamps_issued_certificates() {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let tmp = std::env::temp_dir().join(format!("warden-cli-ttl-{}-{nanos}", std::process::id()));
+    let tmp = temp_dir("warden-cli-ttl");
     let ca = tmp.join("ca").display().to_string();
     let out = tmp.join("vm").display().to_string();
     let o = warden(&[
@@ -790,11 +791,7 @@ fn ca_serve_follows_a_root_rotation() {
     use warden_identity::spiffe::SpiffeId;
     use warden_identity::svid::TrustBundle;
 
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let tmp = std::env::temp_dir().join(format!("warden-cli-serve-{}-{nanos}", std::process::id()));
+    let tmp = temp_dir("warden-cli-serve");
     let ca = tmp.join("ca").display().to_string();
     assert_eq!(warden(&["ca", "init", "--dir", &ca]).code, 0);
     let mut child = Command::new(env!("CARGO_BIN_EXE_warden"))
@@ -923,11 +920,7 @@ fn ca_serve_follows_a_root_rotation() {
 #[test]
 fn ca_issue_guards_keys_and_reserved_identities() {
     use std::os::unix::fs::PermissionsExt;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let tmp = std::env::temp_dir().join(format!("warden-cli-guard-{}-{nanos}", std::process::id()));
+    let tmp = temp_dir("warden-cli-guard");
     let ca = tmp.join("ca").display().to_string();
     let out = tmp.join("out");
     assert_eq!(warden(&["ca", "init", "--dir", &ca]).code, 0);

@@ -1,7 +1,9 @@
 //! Inbound enforcement for one workload: a listener per container port that tells mTLS from
 //! plaintext, applies the port's PeerAuthentication mode, serves HTTP/1.1, HTTP/2 or opaque
 //! TCP, asks the policy engine about every request or connection, and forwards what it allows
-//! to the app with Istio's `x-forwarded-client-cert`.
+//! to the app with Istio's `x-forwarded-client-cert`. Also owns applying a new configuration
+//! ([`InboundProxy::apply`]): new requests see it at once, and every open TCP connection is
+//! decided again against it and closed when no longer allowed (as ztunnel does).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -21,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_rustls::TlsAcceptor;
 use warden_identity::tls::{peer_spiffe_id, server_config, IdentityState, ALPN_H2, ALPN_HTTP_1_1};
@@ -31,7 +34,7 @@ use warden_policy::engine::{
 use warden_policy::model::MtlsMode;
 
 use crate::error::ProxyError;
-use crate::ports::{InboundPort, PortProtocol};
+use crate::ports::{InboundPort, PortProtocol, PortSettings};
 use crate::sniff::{is_http, is_tls, read_until, Rewind, MAX_SNIFF};
 
 /// Body of every response the proxy sends: the app's, streamed, or a local reply.
@@ -66,7 +69,14 @@ pub struct InboundProxy {
     policy: Arc<ArcSwap<WorkloadPolicy>>,
     identity: Arc<IdentityState>,
     tls: Arc<rustls::ServerConfig>,
-    ports: BTreeMap<u16, InboundPort>,
+    /// Mode and protocol follow the configuration ([`InboundProxy::apply`]); a port missing
+    /// from the current table refuses new connections.
+    ports: ArcSwap<BTreeMap<u16, InboundPort>>,
+    /// Where each served port's app listens: fixed at start, whatever the configuration says.
+    apps: BTreeMap<u16, SocketAddr>,
+    /// Bumped by every [`InboundProxy::apply`]; open TCP connections watch it to be decided
+    /// again.
+    generation: watch::Sender<u64>,
     client: Client<HttpConnector, Incoming>,
     detect_timeout: Duration,
     handshake_timeout: Duration,
@@ -79,6 +89,8 @@ struct ConnCtx {
     settings: InboundPort,
     source: SocketAddr,
     local: SocketAddr,
+    /// Whether the client spoke TLS (for re-checking the port's mode).
+    tls: bool,
     /// The verified mTLS peer, if any.
     peer: Option<Peer>,
     sni: Option<String>,
@@ -103,11 +115,14 @@ impl InboundProxy {
         // rotations.
         let tls = Arc::new(server_config(identity.clone()));
         let client = Client::builder(TokioExecutor::new()).build_http();
+        let apps = ports.iter().map(|(p, s)| (*p, s.app)).collect();
         InboundProxy {
             policy,
             identity,
             tls,
-            ports,
+            ports: ArcSwap::from_pointee(ports),
+            apps,
+            generation: watch::Sender::new(0),
             client,
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
@@ -120,9 +135,35 @@ impl InboundProxy {
         self
     }
 
-    /// The ports this proxy serves.
-    pub fn ports(&self) -> &BTreeMap<u16, InboundPort> {
-        &self.ports
+    /// The ports this proxy serves, with their current mode and protocol.
+    pub fn ports(&self) -> Arc<BTreeMap<u16, InboundPort>> {
+        self.ports.load_full()
+    }
+
+    /// How many configurations have been applied since start.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// Puts a new configuration in force: `policy` decides the next request or connection,
+    /// `table` gives each served port its mode and protocol (apps stay where they were given;
+    /// a served port the table no longer has refuses new connections — fail closed), and every
+    /// open TCP connection is decided again, those no longer allowed being closed.
+    pub fn apply(&self, policy: Arc<WorkloadPolicy>, table: &BTreeMap<u16, PortSettings>) {
+        let ports: BTreeMap<u16, InboundPort> = self
+            .apps
+            .iter()
+            .filter_map(|(port, app)| table.get(port).map(|s| (*port, s.with_app(*app))))
+            .collect();
+        for port in self.apps.keys().filter(|p| !table.contains_key(p)) {
+            tracing::warn!(
+                port,
+                "the workload no longer has this port; new connections to it are refused"
+            );
+        }
+        self.policy.store(policy);
+        self.ports.store(Arc::new(ports));
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Listens on `addr` for connections to container port `port`.
@@ -131,7 +172,7 @@ impl InboundProxy {
         port: u16,
         addr: SocketAddr,
     ) -> Result<InboundListener, ProxyError> {
-        if !self.ports.contains_key(&port) {
+        if !self.ports.load().contains_key(&port) {
             return Err(ProxyError::UnknownPort(port));
         }
         let listener = TcpListener::bind(addr)
@@ -150,7 +191,11 @@ impl InboundProxy {
         port: u16,
         stream: TcpStream,
     ) -> Result<(), ProxyError> {
-        let settings = *self.ports.get(&port).ok_or(ProxyError::UnknownPort(port))?;
+        let settings = *self
+            .ports
+            .load()
+            .get(&port)
+            .ok_or(ProxyError::UnknownPort(port))?;
         let source = stream.peer_addr()?;
         let local = stream.local_addr()?;
         let deadline = Instant::now() + self.detect_timeout;
@@ -163,12 +208,7 @@ impl InboundProxy {
             return Err(ProxyError::EmptyConnection);
         }
         let tls = is_tls(&first) == Some(true);
-        let refusal = match (settings.mode, tls) {
-            (MtlsMode::Strict, false) => Some("plaintext connection to a STRICT port"),
-            (MtlsMode::Disable, true) => Some("TLS connection to a DISABLE port"),
-            _ => None,
-        };
-        if let Some(why) = refusal {
+        if let Some(why) = mode_refusal(settings.mode, tls) {
             tracing::info!(
                 target: "warden::decision",
                 port,
@@ -186,6 +226,7 @@ impl InboundProxy {
             settings,
             source,
             local,
+            tls,
             peer: None,
             sni: None,
         };
@@ -302,6 +343,65 @@ impl ConnCtx {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // Subscribe before deciding: a configuration applied from here on is seen below, so
+        // no change can slip between the decision and the watch.
+        let mut changes = self.proxy.generation.subscribe();
+        changes.borrow_and_update();
+        if !self.decide_tcp(false) {
+            return Ok(());
+        }
+        let app = self.settings.app;
+        let mut upstream = timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(app))
+            .await
+            .map_err(|_| ProxyError::Upstream {
+                addr: app,
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| ProxyError::Upstream { addr: app, source })?;
+        let copy = tokio::io::copy_bidirectional(&mut stream, &mut upstream);
+        tokio::pin!(copy);
+        loop {
+            tokio::select! {
+                done = &mut copy => {
+                    done?;
+                    return Ok(());
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The proxy is going away; nothing will change any more.
+                        (&mut copy).await?;
+                        return Ok(());
+                    }
+                    changes.borrow_and_update();
+                    if !self.decide_tcp(true) {
+                        // Dropping both streams closes them.
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides this TCP connection against the current configuration and logs the decision;
+    /// true when it may (still) pass. `recheck` marks a decision taken again for an open
+    /// connection after a configuration change.
+    fn decide_tcp(&self, recheck: bool) -> bool {
+        let event = if recheck {
+            "tcp connection re-checked"
+        } else {
+            "tcp connection"
+        };
+        if recheck {
+            let ports = self.proxy.ports.load();
+            let refusal = match ports.get(&self.port) {
+                None => Some("the workload no longer has this port"),
+                Some(s) => mode_refusal(s.mode, self.tls),
+            };
+            if let Some(why) = refusal {
+                self.log_tcp(event, Outcome::Reset.as_str(), None, why);
+                return false;
+            }
+        }
         let policy = self.proxy.policy.load();
         let req = Request {
             source_ip: Some(self.source.ip()),
@@ -313,40 +413,33 @@ impl ConnCtx {
         };
         let decision = policy.evaluate(&req, Protocol::Tcp, now_unix(), &mut |_, _| None);
         drop(policy);
-        let allowed = match &decision {
+        match &decision {
             Ok(d) => {
-                self.log_tcp(
-                    d.outcome.as_str(),
-                    d.deciding.as_ref().map(|m| m.envoy_id()),
-                    &d.reason,
-                );
-                d.outcome == Outcome::Allow
+                let allowed = d.outcome == Outcome::Allow;
+                // An open connection that stays allowed is not news; a closed one is.
+                if !recheck || !allowed {
+                    self.log_tcp(
+                        event,
+                        d.outcome.as_str(),
+                        d.deciding.as_ref().map(|m| m.envoy_id()),
+                        &d.reason,
+                    );
+                }
+                allowed
             }
             Err(e) => {
                 self.log_tcp(
+                    event,
                     Outcome::Reset.as_str(),
                     Some(e.rule.clone()),
                     &format!("{e}; Warden has no ext_authz client yet, so it fails closed"),
                 );
                 false
             }
-        };
-        if !allowed {
-            return Ok(());
         }
-        let app = self.settings.app;
-        let mut upstream = timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(app))
-            .await
-            .map_err(|_| ProxyError::Upstream {
-                addr: app,
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
-            .map_err(|source| ProxyError::Upstream { addr: app, source })?;
-        tokio::io::copy_bidirectional(&mut stream, &mut upstream).await?;
-        Ok(())
     }
 
-    fn log_tcp(&self, outcome: &str, policy: Option<String>, reason: &str) {
+    fn log_tcp(&self, event: &str, outcome: &str, policy: Option<String>, reason: &str) {
         tracing::info!(
             target: "warden::decision",
             port = self.port,
@@ -356,7 +449,7 @@ impl ConnCtx {
             outcome,
             policy = policy.as_deref().unwrap_or("-"),
             reason,
-            "tcp connection"
+            "{event}"
         );
     }
 
@@ -608,6 +701,15 @@ impl InboundListener {
                 }
             }
         }
+    }
+}
+
+/// Why a connection may not use a port in `mode`, if it may not.
+fn mode_refusal(mode: MtlsMode, tls: bool) -> Option<&'static str> {
+    match (mode, tls) {
+        (MtlsMode::Strict, false) => Some("plaintext connection to a STRICT port"),
+        (MtlsMode::Disable, true) => Some("TLS connection to a DISABLE port"),
+        _ => None,
     }
 }
 

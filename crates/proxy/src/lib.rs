@@ -4,10 +4,13 @@
 //! [`warden_policy::engine::WorkloadPolicy::evaluate`], the function `warden check` uses too.
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod error;
 pub mod inbound;
+pub mod observe;
 pub mod ports;
 mod sniff;
+pub mod source;
 
 pub use error::ProxyError;
 pub use inbound::{InboundListener, InboundProxy};

@@ -13,6 +13,7 @@ mod check;
 mod describe;
 mod input;
 mod jwks_fetch;
+mod proxy_cmd;
 mod render;
 mod testcmd;
 
@@ -71,6 +72,9 @@ enum Command {
     /// Certificates: inspect.
     #[command(subcommand)]
     Cert(ca_cmd::CertCommand),
+    /// Run the inbound proxy for one workload (explicit mode, loopback) until Ctrl-C.
+    #[command(long_about = proxy_cmd::LONG_ABOUT)]
+    Proxy(proxy_cmd::ProxyArgs),
 }
 
 #[derive(Args)]
@@ -140,6 +144,7 @@ fn main() -> ExitCode {
         Command::Describe(a) => describe::run(a, cli.verbose),
         Command::Ca(c) => ca_cmd::run_ca(c),
         Command::Cert(c) => ca_cmd::run_cert(c),
+        Command::Proxy(a) => proxy_cmd::run(a, cli.verbose),
     };
     match result {
         Ok(code) => code,

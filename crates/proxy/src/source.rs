@@ -1,0 +1,321 @@
+//! Where the proxy's configuration comes from. [`ConfigSource`] is the seam: something that
+//! yields, change after change, either a new good configuration for the proxy's workload or the
+//! reasons a change was refused. [`FolderSource`] reads a folder of the YAML `warden check`
+//! reads (the policy crate's loader and validation), polls it for changes, and refuses any
+//! change that does not load, does not validate or lacks the workload. [`follow`] applies what a
+//! source yields to an [`InboundProxy`] and logs every outcome; a refused change never replaces
+//! the configuration in force. The control plane adds a streaming source behind the same trait.
+
+use std::collections::BTreeMap;
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use warden_policy::config::{Config, Loader};
+use warden_policy::engine::{InlineJwksOnly, WorkloadPolicy};
+
+use crate::inbound::InboundProxy;
+use crate::ports::{port_table, PortSettings};
+
+/// How often [`FolderSource`] looks at its files by default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// File names the folder loader reads, as `warden check -f DIR` does.
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// One good configuration for the proxy's workload.
+#[derive(Clone)]
+pub struct WorkloadConfig {
+    /// The whole configuration it was compiled from (for tools such as a config dump).
+    pub config: Arc<Config>,
+    pub policy: Arc<WorkloadPolicy>,
+    /// Mode and protocol per container port.
+    pub ports: BTreeMap<u16, PortSettings>,
+    /// Where it came from, for the log (e.g. the folder and how many files).
+    pub origin: String,
+}
+
+/// What a source yields.
+pub enum SourceEvent {
+    /// A new good configuration: put it in force.
+    Config(WorkloadConfig),
+    /// A change that was refused; the configuration in force stays. Each reason names
+    /// file:line where there is one.
+    Refused(Vec<String>),
+}
+
+/// A stream of configurations for one workload.
+pub trait ConfigSource: Send {
+    /// Waits for the next change. `None` when the source has ended (the proxy keeps the
+    /// configuration in force).
+    fn next(&mut self) -> impl Future<Output = Option<SourceEvent>> + Send;
+}
+
+/// Applies every configuration `source` yields to `proxy` until the source ends, logging each
+/// applied or refused change (`config applied` / `config refused` at target
+/// `warden::config`). `observe` sees each event after it was handled (tests, status pages).
+pub async fn follow<S: ConfigSource>(
+    mut source: S,
+    proxy: Arc<InboundProxy>,
+    mut observe: impl FnMut(&SourceEvent) + Send,
+) {
+    while let Some(event) = source.next().await {
+        match &event {
+            SourceEvent::Config(c) => {
+                proxy.apply(c.policy.clone(), &c.ports);
+                tracing::info!(
+                    target: "warden::config",
+                    generation = proxy.generation(),
+                    origin = %c.origin,
+                    "config applied"
+                );
+            }
+            SourceEvent::Refused(reasons) => log_refused(reasons),
+        }
+        observe(&event);
+    }
+}
+
+/// Logs a refused change, one line per reason, so each names its own file:line.
+pub fn log_refused(reasons: &[String]) {
+    tracing::warn!(
+        target: "warden::config",
+        errors = reasons.len(),
+        "config refused; the last good configuration stays in force"
+    );
+    for r in reasons {
+        tracing::warn!(target: "warden::config", "{r}");
+    }
+}
+
+/// A folder (or several paths) of Kubernetes/Istio YAML, plus an optional MeshConfig file,
+/// polled for changes.
+pub struct FolderSource {
+    paths: Vec<PathBuf>,
+    mesh: Option<PathBuf>,
+    namespace: String,
+    workload: String,
+    interval: Duration,
+    /// What the files looked like at the last load (good or refused): a change is a
+    /// difference from it.
+    seen: Option<Fingerprint>,
+}
+
+/// Names, sizes and modification times of every file a load reads.
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+impl FolderSource {
+    /// A source for workload `namespace/workload` reading `paths` (files or folders, folders
+    /// recursively, hidden entries skipped) and, if given, the MeshConfig file `mesh`.
+    pub fn new(
+        paths: Vec<PathBuf>,
+        mesh: Option<PathBuf>,
+        namespace: &str,
+        workload: &str,
+    ) -> FolderSource {
+        FolderSource {
+            paths,
+            mesh,
+            namespace: namespace.to_string(),
+            workload: workload.to_string(),
+            interval: DEFAULT_POLL_INTERVAL,
+            seen: None,
+        }
+    }
+
+    /// Changes how often the files are looked at.
+    pub fn with_poll_interval(mut self, interval: Duration) -> FolderSource {
+        self.interval = interval;
+        self
+    }
+
+    /// Loads the files as they are now: the configuration, or every reason it is refused.
+    /// Blocking (file I/O); at start, before the proxy runs.
+    pub fn load_now(&mut self) -> Result<WorkloadConfig, Vec<String>> {
+        let (fingerprint, result) = load(&self.paths, self.mesh.as_deref(), &self.target());
+        self.seen = Some(fingerprint);
+        result
+    }
+
+    fn target(&self) -> (String, String) {
+        (self.namespace.clone(), self.workload.clone())
+    }
+}
+
+impl ConfigSource for FolderSource {
+    async fn next(&mut self) -> Option<SourceEvent> {
+        loop {
+            // Polling, not synchronisation: the interval only bounds how soon a change is
+            // noticed.
+            tokio::time::sleep(self.interval).await;
+            let paths = self.paths.clone();
+            let mesh = self.mesh.clone();
+            let seen = self.seen.clone();
+            let target = self.target();
+            let scanned = tokio::task::spawn_blocking(move || {
+                let now = fingerprint(&paths, mesh.as_deref());
+                if seen.as_ref() == Some(&now) {
+                    return None;
+                }
+                Some(load(&paths, mesh.as_deref(), &target))
+            })
+            .await;
+            let Ok(Some((fp, result))) = scanned else {
+                continue;
+            };
+            self.seen = Some(fp);
+            return Some(match result {
+                Ok(c) => SourceEvent::Config(c),
+                Err(reasons) => SourceEvent::Refused(reasons),
+            });
+        }
+    }
+}
+
+/// Reads every file, loads and validates the whole, and compiles the policy and port table of
+/// `target`. The fingerprint is taken before reading, so a file changed while being read shows
+/// up as a change at the next poll.
+fn load(
+    paths: &[PathBuf],
+    mesh: Option<&Path>,
+    target: &(String, String),
+) -> (Fingerprint, Result<WorkloadConfig, Vec<String>>) {
+    let fp = fingerprint(paths, mesh);
+    let files = match collect_all(paths) {
+        Ok(f) => f,
+        Err(e) => return (fp, Err(vec![e])),
+    };
+    let mut loader = Loader::new();
+    for f in &files {
+        match std::fs::read_to_string(f) {
+            Ok(text) => loader.add_text(&f.display().to_string(), &text),
+            Err(e) => return (fp, Err(vec![format!("{}: cannot read: {e}", f.display())])),
+        }
+    }
+    if let Some(m) = mesh {
+        match std::fs::read_to_string(m) {
+            Ok(text) => loader.set_mesh_text(&m.display().to_string(), &text),
+            Err(e) => {
+                return (
+                    fp,
+                    Err(vec![format!(
+                        "{}: cannot read mesh config: {e}",
+                        m.display()
+                    )]),
+                )
+            }
+        }
+    }
+    let (cfg, diags) = loader.finish();
+    let validation = warden_policy::validate::validate(&cfg);
+    let errors: Vec<String> = diags
+        .iter()
+        .chain(validation.iter())
+        .filter(|d| d.is_error())
+        .map(|d| d.to_string())
+        .collect();
+    if !errors.is_empty() {
+        return (fp, Err(errors));
+    }
+    let (ns, name) = target;
+    let Some(wl) = cfg.workload(ns, name) else {
+        return (
+            fp,
+            Err(vec![format!(
+                "workload {ns}/{name} is not in the configuration ({} file(s) read); this proxy serves only it",
+                files.len()
+            )]),
+        );
+    };
+    let policy = Arc::new(WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly));
+    let ports = port_table(&cfg, wl);
+    let origin = format!(
+        "{} ({} file(s))",
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        files.len()
+    );
+    let config = Arc::new(cfg);
+    (
+        fp,
+        Ok(WorkloadConfig {
+            config,
+            policy,
+            ports,
+            origin,
+        }),
+    )
+}
+
+fn fingerprint(paths: &[PathBuf], mesh: Option<&Path>) -> Fingerprint {
+    let mut files = collect_all(paths).unwrap_or_default();
+    // The named paths themselves too: a folder that vanishes, or a named file that appears,
+    // is a change.
+    files.extend(paths.iter().cloned());
+    files.extend(mesh.map(Path::to_path_buf));
+    files
+        .into_iter()
+        .map(|f| match std::fs::metadata(&f) {
+            Ok(m) if m.is_file() => (f, m.len(), m.modified().ok()),
+            Ok(_) => (f, 0, None),
+            Err(_) => (f, u64::MAX, None),
+        })
+        .collect()
+}
+
+/// Every file under `paths` the loader reads, in a stable order, each once.
+fn collect_all(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for p in paths {
+        collect(p, &mut out, &mut seen)?;
+    }
+    Ok(out)
+}
+
+/// The walk `warden check -f` does: folders recursively in name order, hidden entries skipped,
+/// only YAML/JSON files, and every folder and file once by canonical path (symlink loops).
+fn collect(path: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<(), String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if !seen.insert(canonical) {
+        return Ok(());
+    }
+    if !meta.is_dir() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| format!("{}: cannot list folder: {e}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for e in entries {
+        let hidden = e
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if e.is_dir() {
+            collect(&e, out, seen)?;
+        } else if e
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| EXTENSIONS.contains(&x))
+        {
+            let canonical = std::fs::canonicalize(&e).unwrap_or_else(|_| e.clone());
+            if seen.insert(canonical) {
+                out.push(e);
+            }
+        }
+    }
+    Ok(())
+}

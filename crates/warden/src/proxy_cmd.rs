@@ -1,0 +1,309 @@
+//! `warden proxy`: the inbound sidecar for one workload in explicit mode. Checks every flag,
+//! the certificate files and the configuration before anything listens (exit 2), then serves
+//! until Ctrl-C or SIGTERM, applying configuration and certificate changes from the files as
+//! they happen. Logs go to stderr, one line per event.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, Context, Result};
+use arc_swap::ArcSwap;
+use clap::Args;
+use warden_proxy::certs::{CertFiles, DEFAULT_CERT_POLL_INTERVAL};
+use warden_proxy::source::{follow, FolderSource};
+use warden_proxy::InboundProxy;
+
+/// `warden proxy --help`: what the command does, beyond each flag.
+pub const LONG_ABOUT: &str = "Run Warden's inbound proxy beside one workload (explicit mode: listeners on \
+loopback addresses you choose, no iptables).\n\n\
+For each --inbound PORT=LISTEN_ADDR[,APP_ADDR], connections to LISTEN_ADDR are treated as \
+connections to the workload's container port PORT: mTLS or plaintext by the port's \
+PeerAuthentication mode, HTTP or TCP by its Service port, authorized by the workload's \
+policies, and forwarded to APP_ADDR (default 127.0.0.1:PORT). A LISTEN_ADDR port of 0 picks a \
+free port; the log says which.\n\n\
+Configuration comes from the same YAML `warden check -f` reads. The files are looked at every \
+second: a good change applies to new requests at once and re-checks open TCP connections, \
+closing those no longer allowed; a change that does not load, does not validate or lacks the \
+workload is refused and logged with file:line, and the last good configuration stays. The \
+certificate files are watched the same way (e.g. from `warden ca issue`); bad files are \
+refused and the current certificate stays.\n\n\
+Log lines on stderr include `listening`, `config applied`, `config refused`, \
+`certificate rotated` and one decision line per request or TCP connection.\n\n\
+Example:\n  warden proxy -f config/ --workload foo/server \\\n    --inbound 9000=127.0.0.1:15006,127.0.0.1:9000 \\\n    --cert certs/cert-chain.pem --key certs/key.pem --roots certs/root-cert.pem";
+
+#[derive(Args)]
+pub struct ProxyArgs {
+    /// Configuration: a YAML/JSON file or a folder (read recursively, watched). Repeatable.
+    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+    files: Vec<PathBuf>,
+    /// A MeshConfig file (overrides the `istio` ConfigMap in istio-system); watched too.
+    #[arg(long, value_name = "FILE")]
+    mesh: Option<PathBuf>,
+    /// The workload this proxy serves: NAMESPACE/NAME (a Deployment, Pod, … in the config).
+    #[arg(long, value_name = "NS/NAME", value_parser = parse_workload)]
+    workload: (String, String),
+    /// A served port: container PORT, the loopback address to listen on, and where the app
+    /// listens (default 127.0.0.1:PORT). Repeatable.
+    #[arg(long, value_name = "PORT=LISTEN_ADDR[,APP_ADDR]", value_parser = parse_inbound, required = true)]
+    inbound: Vec<Inbound>,
+    /// The workload's certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// The certificate's private key (PEM, PKCS#8).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The roots peers are verified against (PEM).
+    #[arg(long, value_name = "FILE")]
+    roots: PathBuf,
+}
+
+/// One `--inbound` flag.
+#[derive(Clone, Debug)]
+struct Inbound {
+    port: u16,
+    listen: SocketAddr,
+    app: SocketAddr,
+}
+
+fn parse_workload(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("expected NAMESPACE/NAME, got \"{s}\"")),
+    }
+}
+
+fn parse_inbound(s: &str) -> Result<Inbound, String> {
+    let (port, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected PORT=LISTEN_ADDR[,APP_ADDR], got \"{s}\""))?;
+    let port: u16 = port
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("\"{port}\" is not a port number (1-65535)"))?;
+    let (listen, app) = match rest.split_once(',') {
+        Some((l, a)) => (l, Some(a)),
+        None => (rest, None),
+    };
+    let listen: SocketAddr = listen.trim().parse().map_err(|_| {
+        format!("listen address \"{listen}\" is not IP:PORT (e.g. 127.0.0.1:15006)")
+    })?;
+    if !listen.ip().is_loopback() {
+        return Err(format!(
+            "listen address {listen} is not a loopback address; explicit mode listens on loopback only"
+        ));
+    }
+    let app: SocketAddr = match app {
+        Some(a) => a
+            .trim()
+            .parse()
+            .map_err(|_| format!("app address \"{a}\" is not IP:PORT (e.g. 127.0.0.1:8080)"))?,
+        None => SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    if app.port() == 0 {
+        return Err(format!("app address {app} has port 0"));
+    }
+    Ok(Inbound { port, listen, app })
+}
+
+pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
+    // Everything that can be wrong with the command line is found before anything listens.
+    let mut ports = BTreeSet::new();
+    let mut listens = BTreeSet::new();
+    for i in &a.inbound {
+        if !ports.insert(i.port) {
+            bail!("--inbound: port {} is given twice", i.port);
+        }
+        if i.listen.port() != 0 && !listens.insert(i.listen) {
+            bail!("--inbound: listen address {} is given twice", i.listen);
+        }
+    }
+    let cert_files = CertFiles {
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+        roots: a.roots.clone(),
+    };
+    let identity = cert_files
+        .initial_state()
+        .map_err(|e| anyhow!("the workload certificate is refused: {e}"))?;
+    let (ns, name) = &a.workload;
+    let mut source = FolderSource::new(a.files.clone(), a.mesh.clone(), ns, name);
+    let first = source
+        .load_now()
+        .map_err(|reasons| anyhow!("the configuration is refused:\n  {}", reasons.join("\n  ")))?;
+    let wl = first
+        .config
+        .workload(ns, name)
+        .ok_or_else(|| anyhow!("workload {ns}/{name} is not in the configuration"))?;
+    if let Some(id) = identity.svid_id() {
+        if id.namespace() != wl.namespace || id.service_account() != wl.service_account {
+            bail!(
+                "--cert names {id}, but workload {ns}/{name} runs as service account {}/{}; peers would see the wrong identity",
+                wl.namespace,
+                wl.service_account
+            );
+        }
+    }
+    let mut served = BTreeMap::new();
+    for i in &a.inbound {
+        let Some(settings) = first.ports.get(&i.port) else {
+            let known: Vec<String> = first.ports.keys().map(u16::to_string).collect();
+            bail!(
+                "--inbound {}: workload {ns}/{name} has no port {} (its ports: {})",
+                i.port,
+                i.port,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        served.insert(i.port, settings.with_app(i.app));
+    }
+
+    install_logger(verbose);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let store = Arc::new(ArcSwap::new(first.policy.clone()));
+        let proxy = Arc::new(InboundProxy::new(store, identity.clone(), served));
+        let mut listeners = Vec::new();
+        for i in &a.inbound {
+            let l = proxy.bind(i.port, i.listen).await?;
+            let addr = l.local_addr()?;
+            let s = proxy.ports()[&i.port];
+            tracing::info!(
+                target: "warden::proxy",
+                port = i.port,
+                addr = %addr,
+                app = %i.app,
+                mode = s.mode.as_str(),
+                protocol = ?s.protocol,
+                "listening"
+            );
+            listeners.push(l);
+        }
+        for port in first.ports.keys().filter(|p| !ports.contains(p)) {
+            tracing::info!(target: "warden::proxy", port, "not served (no --inbound for it)");
+        }
+        tracing::info!(
+            target: "warden::config",
+            generation = proxy.generation(),
+            origin = %first.origin,
+            "config applied"
+        );
+        for l in listeners {
+            tokio::spawn(l.run());
+        }
+        tokio::spawn(follow(source, proxy.clone(), |_| {}));
+        tokio::spawn(cert_files.watch(identity, DEFAULT_CERT_POLL_INTERVAL, |_| {}));
+        shutdown_signal().await;
+        tracing::info!(target: "warden::proxy", "shutting down");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+// ---------------------------------------------------------------- logging
+
+/// Prints each `tracing` event as one line on stderr: time, level, target, message, fields.
+/// Small on purpose; structured access logs are the observability module's job.
+struct StderrLog {
+    max: tracing::Level,
+}
+
+fn install_logger(verbose: bool) {
+    let max = if verbose {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    // Fails only if a logger is already installed, which then keeps logging.
+    let _ = tracing::subscriber::set_global_default(StderrLog { max });
+}
+
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        } else if value.is_empty() || value.contains(char::is_whitespace) || value.contains('"') {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        } else {
+            let _ = write!(self.0, " {}={value}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let text = format!("{value:?}");
+            self.record_str(field, &text);
+        }
+    }
+}
+
+impl tracing::Subscriber for StderrLog {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() <= self.max
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::from_level(self.max))
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, e: &tracing::Event<'_>) {
+        let m = e.metadata();
+        let mut line = Line(format!(
+            "{} {} {}: ",
+            warden_identity::inspect::rfc3339(SystemTime::now()),
+            m.level(),
+            m.target()
+        ));
+        e.record(&mut line);
+        line.0.push('\n');
+        use std::io::Write;
+        // A closed stderr must not stop the proxy.
+        let _ = std::io::stderr().lock().write_all(line.0.as_bytes());
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
+}

@@ -1,0 +1,330 @@
+//! `warden proxy` as a process: certificates from `warden ca issue`, a std TCP echo app, the
+//! proxy in front of it on a PERMISSIVE TCP port, and a policy change through the watched
+//! folder. Synchronised on the proxy's own stderr lines (`listening`, `config applied`) and on
+//! connections closing; every wait is bounded and the child is always killed and reaped.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn warden() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_warden"));
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Runs a warden command that should end by itself, within [`WAIT`]: its exit code and stderr.
+fn run(args: &[String]) -> (Option<i32>, String) {
+    let child = warden()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn warden");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(Ok(o)) => (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ),
+        Ok(Err(e)) => panic!("warden {args:?}: {e}"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("warden {args:?} did not finish within {WAIT:?}");
+        }
+    }
+}
+
+fn run_ok(args: &[&str]) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let (code, err) = run(&args);
+    assert_eq!(code, Some(0), "warden {args:?} failed: {err}");
+}
+
+/// A fresh folder under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("warden-proxy-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The proxy process: killed and reaped however the test ends.
+struct Proxy {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    fn start(args: &[String]) -> Proxy {
+        let mut child = warden()
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn warden proxy");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Proxy {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The next stderr line containing `needle`, waiting at most [`WAIT`].
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no \"{needle}\" line from warden proxy within {WAIT:?}; its log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+/// An app that echoes every byte, one thread per connection.
+fn echo_app() -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn echo(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, msg);
+}
+
+/// Reads until the proxy closes; true when it closed with nothing echoed (a read timeout —
+/// the connection left open — panics).
+fn closed_without_data(s: &mut TcpStream) -> bool {
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => out.is_empty(),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("the connection was not closed: {e}"),
+    }
+}
+
+const BASE: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: foo}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: foo}
+spec:
+  selector: {app: server}
+  ports:
+  - {name: tcp-echo, port: 9000}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: server, namespace: foo}
+spec:
+  template:
+    metadata: {labels: {app: server}}
+    spec:
+      serviceAccountName: server
+      containers:
+      - name: s
+        ports: [{containerPort: 9000}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: foo}
+spec:
+  mtls: {mode: PERMISSIVE}
+"#;
+
+const DENY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-local, namespace: foo}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{from: [{source: {ipBlocks: ["127.0.0.0/8"]}}]}]
+"#;
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[test]
+fn warden_proxy_echoes_then_closes_connections_when_the_folder_denies() {
+    let tmp = TempDir::new("e2e");
+    let ca = tmp.0.join("ca");
+    let certs = tmp.0.join("certs");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "foo/server",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&certs),
+    ]);
+    write_atomic(&config.join("workload.yaml"), BASE);
+    let app = echo_app();
+
+    let mut proxy = Proxy::start(&[
+        "proxy".into(),
+        "-f".into(),
+        s(&config),
+        "--workload".into(),
+        "foo/server".into(),
+        "--inbound".into(),
+        format!("9000=127.0.0.1:0,{app}"),
+        "--cert".into(),
+        s(&certs.join("cert-chain.pem")),
+        "--key".into(),
+        s(&certs.join("key.pem")),
+        "--roots".into(),
+        s(&certs.join("root-cert.pem")),
+    ]);
+    let listening = proxy.wait_for("listening");
+    assert!(listening.contains("mode=PERMISSIVE"), "{listening}");
+    let addr: SocketAddr = listening
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("the listening line names its address")
+        .parse()
+        .unwrap();
+    proxy.wait_for("config applied");
+
+    // Plaintext on a PERMISSIVE TCP port, no policy: echoed.
+    let mut open = connect(addr);
+    echo(&mut open, b"hello through the proxy");
+
+    // A broken change is refused, naming the file and line, and changes nothing.
+    write_atomic(&config.join("deny.yaml"), "kind: [unclosed\n");
+    let refused = proxy.wait_for("config refused");
+    assert!(refused.contains("WARN"), "{refused}");
+    proxy.wait_for("deny.yaml:");
+    echo(&mut open, b"still allowed");
+
+    // The deny: the open connection is closed, and so is the next one.
+    write_atomic(&config.join("deny.yaml"), DENY);
+    proxy.wait_for("config applied");
+    assert!(closed_without_data(&mut open), "the open connection echoed");
+    let mut next = connect(addr);
+    let _ = next.write_all(b"hello again");
+    assert!(closed_without_data(&mut next), "a denied connection echoed");
+    proxy.wait_for("deny-local");
+}
+
+#[test]
+fn warden_proxy_refuses_bad_flags_before_starting() {
+    let tmp = TempDir::new("flags");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    write_atomic(&config.join("workload.yaml"), BASE);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--inbound", "9000=10.0.0.1:15006"],
+            "not a loopback address",
+        ),
+        (&["--inbound", "nine=127.0.0.1:0"], "not a port number"),
+        (
+            &["--inbound", "9000=127.0.0.1:0", "--workload", "foo"],
+            "NAMESPACE/NAME",
+        ),
+        // The certificate files do not exist: refused before anything listens.
+        (&["--inbound", "9000=127.0.0.1:0"], "certificate is refused"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec![
+            "proxy".to_string(),
+            "-f".into(),
+            s(&config),
+            "--cert".into(),
+            s(&tmp.0.join("missing.pem")),
+            "--key".into(),
+            s(&tmp.0.join("missing-key.pem")),
+            "--roots".into(),
+            s(&tmp.0.join("missing-roots.pem")),
+        ];
+        if !extra.contains(&"--workload") {
+            args.extend(["--workload".into(), "foo/server".into()]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected {expected:?} in {err}"
+        );
+    }
+}

@@ -238,3 +238,32 @@ fn to_system_time(secs: i64) -> SystemTime {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
     }
 }
+
+/// What `/certs` shows: the SVID in use (SPIFFE ID, expiry) and the subjects of the trust
+/// bundle's roots.
+pub fn certs_dump(state: &IdentityState) -> serde_json::Value {
+    let now = std::time::SystemTime::now();
+    let not_after = state.svid_not_after();
+    let seconds_left = not_after.map(|t| match t.duration_since(now) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    });
+    let bundle = state.trust_bundle();
+    let roots: Vec<String> = bundle
+        .roots_der
+        .iter()
+        .map(|der| match x509_parser::parse_x509_certificate(der) {
+            Ok((_, cert)) => cert.subject().to_string(),
+            Err(e) => format!("(unparseable root: {e})"),
+        })
+        .collect();
+    serde_json::json!({
+        "svid": {
+            "spiffe_id": state.svid_id().map(|id| id.to_string()),
+            "not_after": not_after.map(warden_identity::inspect::rfc3339),
+            "seconds_left": seconds_left,
+        },
+        "trust_domain": bundle.trust_domain,
+        "roots": roots,
+    })
+}

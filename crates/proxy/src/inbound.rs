@@ -8,20 +8,23 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request as HttpReq, Response, StatusCode, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{timeout, timeout_at, Instant};
@@ -34,6 +37,10 @@ use warden_policy::engine::{
 use warden_policy::model::MtlsMode;
 
 use crate::error::ProxyError;
+use crate::observe::{
+    ConnectionInfo, DecisionSummary, Observer, RequestInfo, RequestProtocol, ResponseFlag,
+    ResponseFlags, TcpInfo, UNKNOWN,
+};
 use crate::ports::{InboundPort, PortProtocol, PortSettings};
 use crate::sniff::{is_http, is_tls, read_until, Rewind, MAX_SNIFF};
 
@@ -77,9 +84,13 @@ pub struct InboundProxy {
     /// Bumped by every [`InboundProxy::apply`]; open TCP connections watch it to be decided
     /// again.
     generation: watch::Sender<u64>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, ProxyBody>,
     detect_timeout: Duration,
     handshake_timeout: Duration,
+    /// Where every request and connection is reported (metrics, access log).
+    observer: Arc<Observer>,
+    /// This workload's name and namespace, for the reports.
+    workload: (String, String),
 }
 
 /// What is known about one downstream connection.
@@ -94,6 +105,10 @@ struct ConnCtx {
     /// The verified mTLS peer, if any.
     peer: Option<Peer>,
     sni: Option<String>,
+    /// What the observer is told about this connection (filled once the peer is known).
+    info: Arc<ConnectionInfo>,
+    start: SystemTime,
+    started: Instant,
 }
 
 struct Peer {
@@ -126,7 +141,27 @@ impl InboundProxy {
             client,
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            observer: Arc::new(Observer::new(None)),
+            workload: (UNKNOWN.to_string(), UNKNOWN.to_string()),
         }
+    }
+
+    /// Reports every request and connection to `observer` (by default, metrics no one reads
+    /// and no access log).
+    pub fn with_observer(mut self, observer: Arc<Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Names the workload in reports (`destination_workload`, `destination_workload_namespace`).
+    pub fn with_workload(mut self, namespace: &str, name: &str) -> Self {
+        self.workload = (namespace.to_string(), name.to_string());
+        self
+    }
+
+    /// Where this proxy reports.
+    pub fn observer(&self) -> &Arc<Observer> {
+        &self.observer
     }
 
     /// Changes how long a client may take to send its first bytes.
@@ -198,6 +233,8 @@ impl InboundProxy {
             .ok_or(ProxyError::UnknownPort(port))?;
         let source = stream.peer_addr()?;
         let local = stream.local_addr()?;
+        let start = SystemTime::now();
+        let started = Instant::now();
         let deadline = Instant::now() + self.detect_timeout;
         let mut stream = stream;
         let mut first = Vec::with_capacity(MAX_SNIFF);
@@ -208,7 +245,18 @@ impl InboundProxy {
             return Err(ProxyError::EmptyConnection);
         }
         let tls = is_tls(&first) == Some(true);
+        let info = ConnectionInfo {
+            source_principal: None,
+            source_workload: None,
+            source_addr: source,
+            destination_workload: self.workload.1.clone(),
+            destination_namespace: self.workload.0.clone(),
+            destination_principal: None,
+            destination_port: port,
+            mtls: false,
+        };
         if let Some(why) = mode_refusal(settings.mode, tls) {
+            self.report_refused(&info, start, started, first.len() as u64, why);
             tracing::info!(
                 target: "warden::decision",
                 port,
@@ -229,35 +277,84 @@ impl InboundProxy {
             tls,
             peer: None,
             sni: None,
+            info: Arc::new(info),
+            start,
+            started,
         };
+        let sniffed = first.len() as u64;
         let stream = Rewind::new(first, stream);
         if !tls {
             return ctx.dispatch(stream, None, deadline).await;
         }
-        let accepted = timeout(
+        let accepted = match timeout(
             self.handshake_timeout,
             TlsAcceptor::from(self.tls.clone()).accept(stream),
         )
         .await
-        .map_err(|_| ProxyError::HandshakeTimeout(self.handshake_timeout))?
-        .map_err(ProxyError::Handshake)?;
+        {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                let why = format!("TLS handshake failed: {e}");
+                self.report_refused(&ctx.info, start, started, sniffed, &why);
+                return Err(ProxyError::Handshake(e));
+            }
+            Err(_) => {
+                let e = ProxyError::HandshakeTimeout(self.handshake_timeout);
+                self.report_refused(&ctx.info, start, started, sniffed, &e.to_string());
+                return Err(e);
+            }
+        };
         let (_, conn) = accepted.get_ref();
         // The server config requires a verified client certificate, so a missing identity
         // here means something is wrong: refuse rather than treat the peer as anonymous.
-        let id = peer_spiffe_id(conn).ok_or(ProxyError::NoPeerIdentity)?;
-        let leaf = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .ok_or(ProxyError::NoPeerIdentity)?;
+        let peer_leaf = peer_spiffe_id(conn).and_then(|id| {
+            conn.peer_certificates()
+                .and_then(|c| c.first())
+                .map(|leaf| (id, leaf))
+        });
+        let Some((id, leaf)) = peer_leaf else {
+            let e = ProxyError::NoPeerIdentity;
+            self.report_refused(&ctx.info, start, started, sniffed, &e.to_string());
+            return Err(e);
+        };
         ctx.peer = Some(Peer {
             id: id.to_string(),
             leaf_hash: sha256_hex(leaf.as_ref()),
         });
         ctx.sni = conn.server_name().map(str::to_string);
+        let mut info = (*ctx.info).clone();
+        info.source_principal = Some(id.to_string());
+        info.destination_principal = Some(self.own_id()).filter(|s| !s.is_empty());
+        info.mtls = true;
+        ctx.info = Arc::new(info);
         let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
         // Detection over TLS gets its own window, starting after the handshake.
         let deadline = Instant::now() + self.detect_timeout;
         ctx.dispatch(accepted, alpn, deadline).await
+    }
+
+    /// Reports a connection refused before the engine was asked, as a TCP connection opened
+    /// and closed with a local `reset` decision.
+    fn report_refused(
+        &self,
+        info: &ConnectionInfo,
+        start: SystemTime,
+        started: Instant,
+        received: u64,
+        why: &str,
+    ) {
+        self.observer.on_tcp_open(info);
+        self.observer.on_tcp_close(
+            &TcpInfo {
+                conn: info,
+                start,
+                response_flags: ResponseFlags::NONE,
+                bytes_received: received,
+                bytes_sent: 0,
+                duration: started.elapsed(),
+            },
+            &DecisionSummary::local(Outcome::Reset.as_str(), why),
+        );
     }
 
     fn own_id(&self) -> String {
@@ -339,43 +436,78 @@ impl ConnCtx {
         Ok(())
     }
 
-    async fn serve_tcp<S>(self, mut stream: S) -> Result<(), ProxyError>
+    async fn serve_tcp<S>(self, stream: S) -> Result<(), ProxyError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let observer = self.proxy.observer.clone();
+        observer.on_tcp_open(&self.info);
+        let mut stream = Counted::new(stream);
+        let mut flags = ResponseFlags::NONE;
+        let (summary, result) = self.relay_tcp(&mut stream, &mut flags).await;
+        observer.on_tcp_close(
+            &TcpInfo {
+                conn: &self.info,
+                start: self.start,
+                response_flags: flags,
+                bytes_received: stream.read,
+                bytes_sent: stream.written,
+                duration: self.started.elapsed(),
+            },
+            &summary,
+        );
+        result
+    }
+
+    /// Decides, connects and copies until either side closes or a new configuration no longer
+    /// allows the connection. Returns the decision that stands at the end.
+    async fn relay_tcp<S>(
+        &self,
+        stream: &mut S,
+        flags: &mut ResponseFlags,
+    ) -> (DecisionSummary, Result<(), ProxyError>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         // Subscribe before deciding: a configuration applied from here on is seen below, so
         // no change can slip between the decision and the watch.
         let mut changes = self.proxy.generation.subscribe();
         changes.borrow_and_update();
-        if !self.decide_tcp(false) {
-            return Ok(());
+        let (allowed, summary) = self.decide_tcp(false);
+        if !allowed {
+            return (summary, Ok(()));
         }
         let app = self.settings.app;
-        let mut upstream = timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(app))
-            .await
-            .map_err(|_| ProxyError::Upstream {
-                addr: app,
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
-            .map_err(|source| ProxyError::Upstream { addr: app, source })?;
-        let copy = tokio::io::copy_bidirectional(&mut stream, &mut upstream);
+        let mut upstream = match timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(app)).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(source)) => {
+                *flags = flags.with(ResponseFlag::UpstreamConnectionFailure);
+                return (summary, Err(ProxyError::Upstream { addr: app, source }));
+            }
+            Err(_) => {
+                *flags = flags.with(ResponseFlag::UpstreamConnectionFailure);
+                let source = std::io::ErrorKind::TimedOut.into();
+                return (summary, Err(ProxyError::Upstream { addr: app, source }));
+            }
+        };
+        let copy = tokio::io::copy_bidirectional(stream, &mut upstream);
         tokio::pin!(copy);
         loop {
             tokio::select! {
                 done = &mut copy => {
-                    done?;
-                    return Ok(());
+                    return (summary, done.map(|_| ()).map_err(ProxyError::from));
                 }
                 changed = changes.changed() => {
                     if changed.is_err() {
                         // The proxy is going away; nothing will change any more.
-                        (&mut copy).await?;
-                        return Ok(());
+                        let done = (&mut copy).await;
+                        return (summary, done.map(|_| ()).map_err(ProxyError::from));
                     }
                     changes.borrow_and_update();
-                    if !self.decide_tcp(true) {
+                    let (allowed, again) = self.decide_tcp(true);
+                    if !allowed {
                         // Dropping both streams closes them.
-                        return Ok(());
+                        return (again, Ok(()));
                     }
                 }
             }
@@ -385,7 +517,7 @@ impl ConnCtx {
     /// Decides this TCP connection against the current configuration and logs the decision;
     /// true when it may (still) pass. `recheck` marks a decision taken again for an open
     /// connection after a configuration change.
-    fn decide_tcp(&self, recheck: bool) -> bool {
+    fn decide_tcp(&self, recheck: bool) -> (bool, DecisionSummary) {
         let event = if recheck {
             "tcp connection re-checked"
         } else {
@@ -399,7 +531,7 @@ impl ConnCtx {
             };
             if let Some(why) = refusal {
                 self.log_tcp(event, Outcome::Reset.as_str(), None, why);
-                return false;
+                return (false, DecisionSummary::local(Outcome::Reset.as_str(), why));
             }
         }
         let policy = self.proxy.policy.load();
@@ -425,16 +557,12 @@ impl ConnCtx {
                         &d.reason,
                     );
                 }
-                allowed
+                (allowed, DecisionSummary::from(d))
             }
             Err(e) => {
-                self.log_tcp(
-                    event,
-                    Outcome::Reset.as_str(),
-                    Some(e.rule.clone()),
-                    &format!("{e}; Warden has no ext_authz client yet, so it fails closed"),
-                );
-                false
+                let why = format!("{e}; Warden has no ext_authz client yet, so it fails closed");
+                self.log_tcp(event, Outcome::Reset.as_str(), Some(e.rule.clone()), &why);
+                (false, DecisionSummary::local(Outcome::Reset.as_str(), why))
             }
         }
     }
@@ -453,8 +581,55 @@ impl ConnCtx {
         );
     }
 
+    /// Serves one request and wraps the response's body so the request is reported to the
+    /// observer once the response has been sent (or abandoned).
     async fn handle_request(&self, req: HttpReq<Incoming>) -> Response<ProxyBody> {
+        let start = SystemTime::now();
+        let started = Instant::now();
+        let received = Arc::new(AtomicU64::new(0));
         let (parts, body) = req.into_parts();
+        let body = Counting {
+            inner: body,
+            count: received.clone(),
+        }
+        .boxed();
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let method = parts.method.as_str().to_string();
+        let handled = self.respond(parts, body).await;
+        let (rparts, rbody) = handled.response.into_parts();
+        let report = PendingReport {
+            observer: self.proxy.observer.clone(),
+            conn: self.info.clone(),
+            start,
+            started,
+            protocol: if grpc {
+                RequestProtocol::Grpc
+            } else {
+                RequestProtocol::Http
+            },
+            method,
+            authority: handled.authority,
+            path: handled.path,
+            status: rparts.status.as_u16(),
+            flags: handled.flags,
+            received,
+            summary: handled.summary,
+        };
+        let body = Reported {
+            inner: rbody,
+            sent: 0,
+            done: false,
+            report: Some(report),
+        };
+        Response::from_parts(rparts, body.boxed())
+    }
+
+    /// Decides one request and, when allowed, forwards it: the response with what the observer
+    /// needs to know about it.
+    async fn respond(&self, parts: hyper::http::request::Parts, body: ProxyBody) -> Handled {
         let authority = parts
             .uri
             .authority()
@@ -480,7 +655,16 @@ impl ConnCtx {
             // The engine matches strings; a value that is not UTF-8 cannot be matched
             // faithfully, so it is refused rather than guessed at.
             let Ok(v) = std::str::from_utf8(value.as_bytes()) else {
-                return local_reply(StatusCode::BAD_REQUEST, "Bad Request", &[]);
+                return Handled {
+                    response: local_reply(StatusCode::BAD_REQUEST, "Bad Request", &[]),
+                    summary: DecisionSummary::local(
+                        Outcome::BadRequest.as_str(),
+                        format!("header {name} is not UTF-8"),
+                    ),
+                    flags: ResponseFlag::DownstreamProtocolError.into(),
+                    authority,
+                    path: target.to_string(),
+                };
             };
             headers.push((name.as_str(), v));
         }
@@ -505,6 +689,7 @@ impl ConnCtx {
             Err(e) => {
                 // CUSTOM: Warden has no ext_authz client yet. An unanswered provider is an
                 // error, and errors fail closed.
+                let why = format!("{e}; Warden has no ext_authz client yet, so it fails closed");
                 self.log_http(
                     &parts.method,
                     &authority,
@@ -512,10 +697,26 @@ impl ConnCtx {
                     "deny",
                     Some(403),
                     Some(e.rule.clone()),
-                    &format!("{e}; Warden has no ext_authz client yet, so it fails closed"),
+                    &why,
                 );
-                return local_reply(StatusCode::FORBIDDEN, RBAC_DENIED_BODY, &[]);
+                return Handled {
+                    response: local_reply(StatusCode::FORBIDDEN, RBAC_DENIED_BODY, &[]),
+                    summary: DecisionSummary::local(Outcome::Deny.as_str(), why),
+                    flags: ResponseFlag::UnauthorizedExternalService.into(),
+                    path: target.to_string(),
+                    authority,
+                };
             }
+        };
+        let summary = DecisionSummary::from(&decision);
+        let flags = ResponseFlags::for_decision(&summary);
+        let path = decision.path.clone().unwrap_or_else(|| target.to_string());
+        let done = |response, flags| Handled {
+            response,
+            summary: summary.clone(),
+            flags,
+            authority: authority.clone(),
+            path: path.clone(),
         };
         self.log_http(
             &parts.method,
@@ -533,27 +734,36 @@ impl ConnCtx {
                     "Bearer realm=\"http://{authority}{}\", error=\"invalid_token\"",
                     decision.path.as_deref().unwrap_or("/")
                 );
-                return local_reply(
-                    status_of(&decision, StatusCode::UNAUTHORIZED),
-                    &decision.body,
-                    &[(header::WWW_AUTHENTICATE, realm)],
+                return done(
+                    local_reply(
+                        status_of(&decision, StatusCode::UNAUTHORIZED),
+                        &decision.body,
+                        &[(header::WWW_AUTHENTICATE, realm)],
+                    ),
+                    flags,
                 );
             }
             Outcome::Deny | Outcome::BadRequest => {
-                return local_reply(
-                    status_of(&decision, StatusCode::FORBIDDEN),
-                    &decision.body,
-                    &[],
+                return done(
+                    local_reply(
+                        status_of(&decision, StatusCode::FORBIDDEN),
+                        &decision.body,
+                        &[],
+                    ),
+                    flags,
                 );
             }
             // The engine resets only TCP connections; for HTTP, deny.
             Outcome::Reset => {
-                return local_reply(StatusCode::FORBIDDEN, RBAC_DENIED_BODY, &[]);
+                return done(
+                    local_reply(StatusCode::FORBIDDEN, RBAC_DENIED_BODY, &[]),
+                    flags,
+                );
             }
         }
         match self.forward(parts, body, &authority, &decision).await {
-            Ok(resp) => resp,
-            Err(reply) => reply,
+            Ok(resp) => done(resp, flags),
+            Err((reply, more)) => done(reply, flags.union(more)),
         }
     }
 
@@ -561,10 +771,10 @@ impl ConnCtx {
     async fn forward(
         &self,
         parts: hyper::http::request::Parts,
-        body: Incoming,
+        body: ProxyBody,
         authority: &str,
         decision: &Decision,
-    ) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    ) -> Result<Response<ProxyBody>, (Response<ProxyBody>, ResponseFlags)> {
         let path = decision.path.as_deref().unwrap_or("/");
         let path_and_query = match parts.uri.query() {
             Some(q) => format!("{path}?{q}"),
@@ -572,7 +782,12 @@ impl ConnCtx {
         };
         let uri: hyper::Uri = format!("http://{}{path_and_query}", self.settings.app)
             .parse()
-            .map_err(|_| local_reply(StatusCode::BAD_REQUEST, "Bad Request", &[]))?;
+            .map_err(|_| {
+                (
+                    local_reply(StatusCode::BAD_REQUEST, "Bad Request", &[]),
+                    ResponseFlag::DownstreamProtocolError.into(),
+                )
+            })?;
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         if !headers.contains_key(header::HOST) {
@@ -591,10 +806,13 @@ impl ConnCtx {
                 HeaderValue::from_str(value),
             ) else {
                 tracing::warn!(header = %name, "JWT output header cannot be written; refusing the request");
-                return Err(local_reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "Internal Server Error",
-                    &[],
+                return Err((
+                    local_reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Internal Server Error",
+                        &[],
+                    ),
+                    ResponseFlags::NONE,
                 ));
             };
             headers.insert(n, v);
@@ -626,10 +844,13 @@ impl ConnCtx {
             }
             Err(e) => {
                 tracing::warn!(port = self.port, app = %self.settings.app, error = %e, "upstream request failed");
-                Err(local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers",
-                    &[],
+                Err((
+                    local_reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "upstream connect error or disconnect/reset before headers",
+                        &[],
+                    ),
+                    ResponseFlag::UpstreamConnectionFailure.into(),
                 ))
             }
         }
@@ -767,4 +988,187 @@ fn now_unix() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// One request's response, with what the observer is told about it.
+struct Handled {
+    response: Response<ProxyBody>,
+    summary: DecisionSummary,
+    flags: ResponseFlags,
+    authority: String,
+    /// The path as authorization saw it.
+    path: String,
+}
+
+/// A request body that counts the bytes the client sent.
+struct Counting<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counting<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Everything needed to report a request once its response is over.
+struct PendingReport {
+    observer: Arc<Observer>,
+    conn: Arc<ConnectionInfo>,
+    start: SystemTime,
+    started: Instant,
+    protocol: RequestProtocol,
+    method: String,
+    authority: String,
+    path: String,
+    status: u16,
+    flags: ResponseFlags,
+    received: Arc<AtomicU64>,
+    summary: DecisionSummary,
+}
+
+/// A response body that counts what is sent and reports the request when it is dropped —
+/// after the last byte, or earlier when the client goes away (`DC`).
+struct Reported {
+    inner: ProxyBody,
+    sent: u64,
+    done: bool,
+    report: Option<PendingReport>,
+}
+
+impl Body for Reported {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(r) = self.report.as_mut() {
+                    r.flags = r.flags.with(ResponseFlag::UpstreamConnectionTermination);
+                }
+                self.done = true;
+            }
+            Poll::Ready(None) => self.done = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        let Some(r) = self.report.take() else { return };
+        let mut flags = r.flags;
+        if !self.done && !self.inner.is_end_stream() {
+            flags = flags.with(ResponseFlag::DownstreamConnectionTermination);
+        }
+        r.observer.on_request(
+            &RequestInfo {
+                conn: &r.conn,
+                start: r.start,
+                protocol: r.protocol,
+                method: &r.method,
+                authority: &r.authority,
+                path: &r.path,
+                status: r.status,
+                response_flags: flags,
+                bytes_received: r.received.load(Ordering::Relaxed),
+                bytes_sent: self.sent,
+                duration: r.started.elapsed(),
+            },
+            &r.summary,
+        );
+    }
+}
+
+/// A stream that counts the bytes read from and written to it.
+struct Counted<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            self.read += (buf.filled().len() - before) as u64;
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

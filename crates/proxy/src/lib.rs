@@ -8,6 +8,7 @@ pub mod certs;
 pub mod error;
 pub mod inbound;
 pub mod observe;
+pub mod outbound;
 pub mod ports;
 mod sniff;
 pub mod source;

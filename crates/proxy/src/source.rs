@@ -319,3 +319,38 @@ fn collect(path: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> 
     }
     Ok(())
 }
+
+impl WorkloadConfig {
+    /// What `/config_dump` shows: the workload, its port table, the policies that apply to it
+    /// and which configuration this is (`generation`, applied at `applied`).
+    pub fn dump(
+        &self,
+        namespace: &str,
+        name: &str,
+        generation: u64,
+        applied: std::time::SystemTime,
+    ) -> serde_json::Value {
+        let ports: serde_json::Map<String, serde_json::Value> = self
+            .ports
+            .iter()
+            .map(|(port, s)| {
+                (
+                    port.to_string(),
+                    serde_json::json!({
+                        "mode": s.mode.as_str(),
+                        "protocol": format!("{:?}", s.protocol).to_lowercase(),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "workload": format!("{namespace}/{name}"),
+            "version": generation,
+            "applied": warden_identity::inspect::rfc3339(applied),
+            "origin": self.origin,
+            "ports": ports,
+            "authorization_policies": self.policy.authz.policies,
+            "request_authentications": self.policy.jwt_sources,
+        })
+    }
+}

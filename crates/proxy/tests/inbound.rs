@@ -30,6 +30,7 @@ use warden_identity::tls::{
 use warden_policy::config::{Config, Loader};
 use warden_policy::engine::{InlineJwksOnly, WorkloadPolicy};
 use warden_policy::model::MtlsMode;
+use warden_proxy::observe::{AccessLog, Observer};
 use warden_proxy::{port_table, InboundProxy, PortProtocol};
 
 const TD: &str = "cluster.local";
@@ -233,6 +234,14 @@ impl Harness {
     }
 
     async fn start_with(extra: &str, detect_timeout: Option<Duration>) -> Harness {
+        Harness::start_full(extra, detect_timeout, None).await
+    }
+
+    async fn start_full(
+        extra: &str,
+        detect_timeout: Option<Duration>,
+        observer: Option<Arc<Observer>>,
+    ) -> Harness {
         let cfg = config(extra);
         let wl = cfg.workload("foo", "server").unwrap();
         let table = port_table(&cfg, wl);
@@ -251,6 +260,9 @@ impl Harness {
         let mut proxy = InboundProxy::new(store.clone(), identity, ports);
         if let Some(t) = detect_timeout {
             proxy = proxy.with_detect_timeout(t);
+        }
+        if let Some(o) = observer {
+            proxy = proxy.with_observer(o).with_workload("foo", "server");
         }
         let proxy = Arc::new(proxy);
         let mut listen = BTreeMap::new();
@@ -757,6 +769,256 @@ async fn a_silent_client_is_closed_after_the_detection_timeout() {
             s.read_to_end(&mut out).await.unwrap();
             assert!(out.is_empty());
         }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------- observability
+
+/// An access-log sink that hands each complete line to the test.
+struct LineSink {
+    buf: Vec<u8>,
+    tx: tokio::sync::mpsc::UnboundedSender<serde_json::Value>,
+}
+
+impl std::io::Write for LineSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=i).collect();
+            let v = serde_json::from_slice(&line).expect("access-log line is JSON");
+            let _ = self.tx.send(v);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn observed(
+    extra: &str,
+) -> (
+    Harness,
+    Arc<Observer>,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let log = AccessLog::new(
+        LineSink {
+            buf: Vec::new(),
+            tx,
+        },
+        64,
+    )
+    .unwrap();
+    let observer = Arc::new(Observer::new(Some(log)));
+    let h = Harness::start_full(extra, None, Some(observer.clone())).await;
+    (h, observer, rx)
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_request_is_logged_and_counted_with_its_decision() {
+    bounded(async {
+        let (h, observer, mut lines) = observed(&ap("allow-good", "ALLOW", ALLOW_GOOD)).await;
+        let (s, _) = h.tls(HTTP_PORT, "good", None).await;
+        let mut c = h1(s).await;
+        let a = send(&mut c, get("/hello?x=1", &[])).await;
+        assert_eq!(a.status, StatusCode::OK);
+
+        let line = lines.recv().await.expect("an access-log line");
+        assert_eq!(line["protocol"], "http");
+        assert_eq!(line["method"], "GET");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["authz_decision"], "allow");
+        assert_eq!(line["authz_policy"], "foo/allow-good");
+        assert_eq!(line["authz_action"], "ALLOW");
+        assert_eq!(
+            line["source_principal"],
+            "spiffe://cluster.local/ns/foo/sa/good"
+        );
+        assert_eq!(line["destination_workload"], "server.foo");
+        assert_eq!(line["destination_port"], HTTP_PORT);
+        assert_eq!(line["response_flags"], "-");
+        assert!(line["bytes_sent"].as_u64().unwrap() > 0, "{line}");
+
+        let text = observer.render();
+        let labels = [
+            ("reporter", "destination"),
+            ("source_principal", "spiffe://cluster.local/ns/foo/sa/good"),
+            ("source_workload_namespace", "foo"),
+            ("destination_workload", "server"),
+            ("destination_workload_namespace", "foo"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/foo/sa/server",
+            ),
+            ("request_protocol", "http"),
+            ("response_code", "200"),
+            ("response_flags", "-"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        assert_eq!(
+            sample(&text, "istio_requests_total", &labels),
+            Some(1.0),
+            "{text}"
+        );
+        let policy = [
+            ("policy_namespace", "foo"),
+            ("policy_name", "allow-good"),
+            ("action", "ALLOW"),
+            ("result", "allow"),
+        ];
+        assert_eq!(
+            sample(&text, "warden_authz_decisions_total", &policy),
+            Some(1.0),
+            "{text}"
+        );
+
+        // A denied request: 403, logged with the same policy's verdict.
+        let (s, _) = h.tls(HTTP_PORT, "bad", None).await;
+        let mut c = h1(s).await;
+        assert_rbac_denied(&send(&mut c, get("/hello", &[])).await);
+        let line = lines.recv().await.expect("an access-log line");
+        assert_eq!(line["status"], 403);
+        assert_eq!(line["authz_decision"], "deny");
+        let text = observer.render();
+        assert_eq!(
+            sample(
+                &text,
+                "istio_requests_total",
+                &[
+                    ("response_code", "403"),
+                    ("source_principal", "spiffe://cluster.local/ns/foo/sa/bad")
+                ]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_denied_tcp_connection_is_logged_and_counted() {
+    bounded(async {
+        let (h, observer, mut lines) = observed(&ap(
+            "deny-local",
+            "DENY",
+            "  rules: [{from: [{source: {ipBlocks: [\"127.0.0.0/8\"]}}], to: [{operation: {ports: [\"9000\"]}}]}]",
+        ))
+        .await;
+        let out = raw_exchange(h.addr(TCP_PORT), b"hello").await;
+        assert!(out.is_empty(), "a denied TCP connection echoed: {out:?}");
+        let line = lines.recv().await.expect("an access-log line");
+        assert_eq!(line["protocol"], "tcp");
+        assert_eq!(line["status"], serde_json::Value::Null);
+        // The engine's answer for a denied TCP connection is a reset, as Istio's.
+        assert_eq!(line["authz_decision"], "reset");
+        assert_eq!(line["authz_policy"], "foo/deny-local");
+        assert_eq!(line["destination_port"], TCP_PORT);
+        assert_eq!(line["bytes_sent"], 0);
+
+        let text = observer.render();
+        let labels = [
+            ("destination_workload", "server"),
+            ("connection_security_policy", "none"),
+        ];
+        assert_eq!(
+            sample(&text, "istio_tcp_connections_opened_total", &labels),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "istio_tcp_connections_closed_total", &labels),
+            Some(1.0),
+            "{text}"
+        );
+        let policy = [("policy_name", "deny-local"), ("result", "reset")];
+        assert_eq!(
+            sample(&text, "warden_authz_decisions_total", &policy),
+            Some(1.0),
+            "{text}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn plaintext_refused_by_strict_is_logged_as_a_local_reset() {
+    bounded(async {
+        let (h, observer, mut lines) = observed(&pa("STRICT")).await;
+        let out = raw_exchange(h.addr(TCP_PORT), b"hello").await;
+        assert!(out.is_empty(), "STRICT answered plaintext: {out:?}");
+        let line = lines.recv().await.expect("an access-log line");
+        assert_eq!(line["authz_decision"], "reset");
+        assert_eq!(line["authz_policy"], serde_json::Value::Null);
+        assert!(
+            line["authz_reason"].as_str().unwrap().contains("STRICT"),
+            "{line}"
+        );
+        let text = observer.render();
+        assert_eq!(
+            sample(
+                &text,
+                "istio_tcp_connections_closed_total",
+                &[("destination_workload", "server")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_failed_handshake_is_logged_as_a_local_reset() {
+    bounded(async {
+        let (h, observer, mut lines) = observed("").await;
+        let other = Pki::new();
+        let (state, _) = other.identity("good");
+        state.update_bundle(h.pki.bundle()).unwrap();
+        let cfg = client_config(state, ExpectedPeer::Exact(server_id()));
+        let tcp = TcpStream::connect(h.addr(HTTP_PORT)).await.unwrap();
+        if let Ok(mut s) = TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()), tcp)
+            .await
+        {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            assert!(out.is_empty(), "answered: {out:?}");
+        }
+        let line = lines.recv().await.expect("an access-log line");
+        assert_eq!(line["authz_decision"], "reset");
+        assert!(
+            line["authz_reason"].as_str().unwrap().contains("handshake"),
+            "{line}"
+        );
+        assert_eq!(line["source_principal"], serde_json::Value::Null);
+        let text = observer.render();
+        assert_eq!(
+            sample(
+                &text,
+                "warden_authz_decisions_total",
+                &[("policy_name", "-"), ("result", "reset")]
+            ),
+            Some(1.0),
+            "{text}"
+        );
     })
     .await
 }

@@ -8,14 +8,19 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context, Result};
 use arc_swap::ArcSwap;
 use clap::Args;
-use warden_proxy::certs::{CertFiles, DEFAULT_CERT_POLL_INTERVAL};
-use warden_proxy::source::{follow, FolderSource};
+use warden_proxy::certs::{certs_dump, CertFiles, DEFAULT_CERT_POLL_INTERVAL};
+use warden_proxy::observe::{
+    AccessLog, AdminHandlers, AdminServer, LogLevel, LogLevelControl, Observer, Readiness,
+    DEFAULT_ACCESS_LOG_CAPACITY,
+};
+use warden_proxy::source::{follow, FolderSource, SourceEvent};
 use warden_proxy::InboundProxy;
 
 /// `warden proxy --help`: what the command does, beyond each flag.
@@ -32,8 +37,11 @@ closing those no longer allowed; a change that does not load, does not validate 
 workload is refused and logged with file:line, and the last good configuration stays. The \
 certificate files are watched the same way (e.g. from `warden ca issue`); bad files are \
 refused and the current certificate stays.\n\n\
-Log lines on stderr include `listening`, `config applied`, `config refused`, \
-`certificate rotated` and one decision line per request or TCP connection.\n\n\
+Log lines on stderr include `listening`, `admin listening`, `config applied`, `config refused`, \
+`certificate rotated` and one decision line per request or TCP connection. The JSON access \
+log (one line per request or TCP connection) goes to --access-log. With --admin, a loopback \
+address serves /ready, /config_dump, /certs, /stats/prometheus and /logging (GET shows the \
+log level, POST /logging?level=debug changes it).\n\n\
 Example:\n  warden proxy -f config/ --workload foo/server \\\n    --inbound 9000=127.0.0.1:15006,127.0.0.1:9000 \\\n    --cert certs/cert-chain.pem --key certs/key.pem --roots certs/root-cert.pem";
 
 #[derive(Args)]
@@ -60,6 +68,26 @@ pub struct ProxyArgs {
     /// The roots peers are verified against (PEM).
     #[arg(long, value_name = "FILE")]
     roots: PathBuf,
+    /// Serve the admin endpoints on this loopback address (port 0 picks a free port; the
+    /// `admin listening` log line says which).
+    #[arg(long, value_name = "ADDR", value_parser = parse_admin)]
+    admin: Option<SocketAddr>,
+    /// Where the JSON access log goes: a file (appended to) or `-` for stdout.
+    #[arg(long, value_name = "PATH|-", default_value = "-")]
+    access_log: String,
+}
+
+fn parse_admin(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not IP:PORT (e.g. 127.0.0.1:15000)"))?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{addr} is not a loopback address; the admin server is unauthenticated and listens on loopback only"
+        ));
+    }
+    Ok(addr)
 }
 
 /// One `--inbound` flag.
@@ -170,14 +198,72 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         served.insert(i.port, settings.with_app(i.app));
     }
 
-    install_logger(verbose);
+    let access_log = if a.access_log == "-" {
+        AccessLog::new(std::io::stdout(), DEFAULT_ACCESS_LOG_CAPACITY)
+    } else {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&a.access_log)
+            .with_context(|| format!("--access-log: cannot open {}", a.access_log))?;
+        AccessLog::new(f, DEFAULT_ACCESS_LOG_CAPACITY)
+    }
+    .context("starting the access log")?;
+    let observer = Arc::new(Observer::new(Some(access_log)));
+
+    let level = install_logger(verbose);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
         let store = Arc::new(ArcSwap::new(first.policy.clone()));
-        let proxy = Arc::new(InboundProxy::new(store, identity.clone(), served));
+        let proxy = Arc::new(
+            InboundProxy::new(store, identity.clone(), served)
+                .with_observer(observer.clone())
+                .with_workload(ns, name),
+        );
+        let readiness = Readiness::new();
+        let dump = Arc::new(Mutex::new(first.dump(
+            ns,
+            name,
+            proxy.generation(),
+            SystemTime::now(),
+        )));
+        let admin = match a.admin {
+            Some(addr) => {
+                let handlers = AdminHandlers {
+                    observer: observer.clone(),
+                    readiness: readiness.clone(),
+                    config_dump: {
+                        let dump = dump.clone();
+                        Arc::new(move || dump.lock().map(|d| d.clone()).unwrap_or_default())
+                    },
+                    certs: {
+                        let identity = identity.clone();
+                        Arc::new(move || certs_dump(&identity))
+                    },
+                    log_level: Arc::new(LogLevelControl::new(
+                        level_from_u8(level.load(Ordering::Relaxed)),
+                        {
+                            let level = level.clone();
+                            move |l: LogLevel| {
+                                level.store(l as u8, Ordering::Relaxed);
+                                Ok(())
+                            }
+                        },
+                    )),
+                };
+                let server = AdminServer::bind(addr, handlers).await?;
+                tracing::info!(
+                    target: "warden::proxy",
+                    addr = %server.local_addr()?,
+                    "admin listening"
+                );
+                Some(server)
+            }
+            None => None,
+        };
         let mut listeners = Vec::new();
         for i in &a.inbound {
             let l = proxy.bind(i.port, i.listen).await?;
@@ -197,6 +283,8 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         for port in first.ports.keys().filter(|p| !ports.contains(p)) {
             tracing::info!(target: "warden::proxy", port, "not served (no --inbound for it)");
         }
+        // Configuration and certificate are loaded and every listener is bound.
+        readiness.set_ready(true);
         tracing::info!(
             target: "warden::config",
             generation = proxy.generation(),
@@ -206,10 +294,24 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         for l in listeners {
             tokio::spawn(l.run());
         }
-        tokio::spawn(follow(source, proxy.clone(), |_| {}));
+        if let Some(server) = admin {
+            tokio::spawn(server.run());
+        }
+        let (wns, wname) = (ns.clone(), name.clone());
+        let follower = proxy.clone();
+        tokio::spawn(follow(source, proxy.clone(), move |event| {
+            if let SourceEvent::Config(c) = event {
+                if let Ok(mut d) = dump.lock() {
+                    *d = c.dump(&wns, &wname, follower.generation(), SystemTime::now());
+                }
+            }
+        }));
         tokio::spawn(cert_files.watch(identity, DEFAULT_CERT_POLL_INTERVAL, |_| {}));
         shutdown_signal().await;
         tracing::info!(target: "warden::proxy", "shutting down");
+        if let Some(log) = observer.access_log() {
+            log.flush(std::time::Duration::from_secs(2));
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -234,18 +336,42 @@ async fn shutdown_signal() {
 
 /// Prints each `tracing` event as one line on stderr: time, level, target, message, fields.
 /// Small on purpose; structured access logs are the observability module's job.
+/// The level is shared (`LogLevel as u8`) so the admin server can change it at runtime.
 struct StderrLog {
-    max: tracing::Level,
+    max: Arc<AtomicU8>,
 }
 
-fn install_logger(verbose: bool) {
-    let max = if verbose {
-        tracing::Level::DEBUG
+/// Installs the stderr logger; the returned level (a `LogLevel as u8`) can be changed at any
+/// time.
+fn install_logger(verbose: bool) -> Arc<AtomicU8> {
+    let max = Arc::new(AtomicU8::new(if verbose {
+        LogLevel::Debug as u8
     } else {
-        tracing::Level::INFO
-    };
+        LogLevel::Info as u8
+    }));
     // Fails only if a logger is already installed, which then keeps logging.
-    let _ = tracing::subscriber::set_global_default(StderrLog { max });
+    let _ = tracing::subscriber::set_global_default(StderrLog { max: max.clone() });
+    max
+}
+
+fn level_from_u8(v: u8) -> LogLevel {
+    match v {
+        0 => LogLevel::Error,
+        1 => LogLevel::Warn,
+        2 => LogLevel::Info,
+        3 => LogLevel::Debug,
+        _ => LogLevel::Trace,
+    }
+}
+
+fn tracing_level(v: u8) -> tracing::Level {
+    match level_from_u8(v) {
+        LogLevel::Error => tracing::Level::ERROR,
+        LogLevel::Warn => tracing::Level::WARN,
+        LogLevel::Info => tracing::Level::INFO,
+        LogLevel::Debug => tracing::Level::DEBUG,
+        LogLevel::Trace => tracing::Level::TRACE,
+    }
 }
 
 struct Line(String);
@@ -273,11 +399,20 @@ impl tracing::field::Visit for Line {
 
 impl tracing::Subscriber for StderrLog {
     fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-        *m.level() <= self.max
+        *m.level() <= tracing_level(self.max.load(Ordering::Relaxed))
     }
 
+    // The level can change at runtime: no hint and no cached interest, so `enabled` is asked
+    // for every event.
     fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        Some(tracing::level_filters::LevelFilter::from_level(self.max))
+        None
+    }
+
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
     }
 
     fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {

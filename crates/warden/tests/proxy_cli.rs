@@ -298,6 +298,10 @@ fn warden_proxy_refuses_bad_flags_before_starting() {
         ),
         (&["--inbound", "nine=127.0.0.1:0"], "not a port number"),
         (
+            &["--inbound", "9000=127.0.0.1:0", "--admin", "10.0.0.1:1"],
+            "admin server is unauthenticated",
+        ),
+        (
             &["--inbound", "9000=127.0.0.1:0", "--workload", "foo"],
             "NAMESPACE/NAME",
         ),
@@ -327,4 +331,106 @@ fn warden_proxy_refuses_bad_flags_before_starting() {
             "{args:?}: expected {expected:?} in {err}"
         );
     }
+}
+
+/// One HTTP/1.1 exchange with the admin server: status and body.
+fn admin(addr: SocketAddr, method: &str, target: &str) -> (u16, String) {
+    let mut s = connect(addr);
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"));
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+fn addr_in(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr= in {line}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn warden_proxy_serves_the_admin_endpoints_and_an_access_log() {
+    let tmp = TempDir::new("admin");
+    let ca = tmp.0.join("ca");
+    let certs = tmp.0.join("certs");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "foo/server",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&certs),
+    ]);
+    write_atomic(&config.join("workload.yaml"), BASE);
+    let app = echo_app();
+    let access_log = tmp.0.join("access.log");
+
+    let mut proxy = Proxy::start(&[
+        "proxy".into(),
+        "-f".into(),
+        s(&config),
+        "--workload".into(),
+        "foo/server".into(),
+        "--inbound".into(),
+        format!("9000=127.0.0.1:0,{app}"),
+        "--cert".into(),
+        s(&certs.join("cert-chain.pem")),
+        "--key".into(),
+        s(&certs.join("key.pem")),
+        "--roots".into(),
+        s(&certs.join("root-cert.pem")),
+        "--admin".into(),
+        "127.0.0.1:0".into(),
+        "--access-log".into(),
+        s(&access_log),
+    ]);
+    // The admin server is bound first, then the listeners.
+    let admin_addr = addr_in(&proxy.wait_for("admin listening"));
+    let addr = addr_in(&proxy.wait_for("listening port=9000"));
+    assert!(admin_addr.ip().is_loopback());
+    proxy.wait_for("config applied");
+
+    let (status, body) = admin(admin_addr, "GET", "/ready");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = admin(admin_addr, "GET", "/config_dump");
+    assert_eq!(status, 200, "{body}");
+    let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dump["workload"], "foo/server");
+    assert_eq!(dump["ports"]["9000"]["mode"], "PERMISSIVE");
+    let (status, body) = admin(admin_addr, "GET", "/certs");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("/ns/foo/sa/server"), "{body}");
+
+    let mut c = connect(addr);
+    echo(&mut c, b"counted");
+    // The decision line is logged after the connection was counted as opened.
+    proxy.wait_for("tcp connection");
+    let (status, body) = admin(admin_addr, "GET", "/stats/prometheus");
+    assert_eq!(status, 200);
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.ends_with(" 1")),
+        "{body}"
+    );
+
+    let (status, body) = admin(admin_addr, "POST", "/logging?level=debug");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("debug"), "{body}");
+    proxy.wait_for("log level changed");
 }

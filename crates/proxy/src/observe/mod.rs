@@ -191,6 +191,11 @@ impl ResponseFlags {
         ResponseFlags(self.0 | 1 << flag as u8)
     }
 
+    /// Every flag in `self` or in `other`.
+    pub fn union(self, other: ResponseFlags) -> Self {
+        ResponseFlags(self.0 | other.0)
+    }
+
     pub fn contains(self, flag: ResponseFlag) -> bool {
         self.0 & (1 << flag as u8) != 0
     }

@@ -54,6 +54,9 @@ pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers (HTTP/1).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most a request's headers may take, request line included (Envoy's default
+/// `max_request_headers_kb`: 60 KiB); larger requests get 431 and are never forwarded.
+pub const MAX_REQUEST_HEADERS: usize = 60 * 1024;
 /// How long connecting to the app may take for a TCP connection.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -87,6 +90,7 @@ pub struct InboundProxy {
     client: Client<HttpConnector, ProxyBody>,
     detect_timeout: Duration,
     handshake_timeout: Duration,
+    header_read_timeout: Duration,
     /// Where every request and connection is reported (metrics, access log).
     observer: Arc<Observer>,
     /// This workload's name and namespace, for the reports.
@@ -141,6 +145,7 @@ impl InboundProxy {
             client,
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            header_read_timeout: HEADER_READ_TIMEOUT,
             observer: Arc::new(Observer::new(None)),
             workload: (UNKNOWN.to_string(), UNKNOWN.to_string()),
         }
@@ -167,6 +172,12 @@ impl InboundProxy {
     /// Changes how long a client may take to send its first bytes.
     pub fn with_detect_timeout(mut self, t: Duration) -> Self {
         self.detect_timeout = t;
+        self
+    }
+
+    /// Changes how long a client may take to send an HTTP/1 request's headers.
+    pub fn with_header_read_timeout(mut self, t: Duration) -> Self {
+        self.header_read_timeout = t;
         self
     }
 
@@ -410,12 +421,17 @@ impl ConnCtx {
     {
         let ctx = Arc::new(self);
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        // A client gets a bounded time to send each request's headers (slow-header attacks).
+        // A client gets a bounded time to send each request's headers (slow-header attacks),
+        // and bounded room for them (Envoy's 60 KiB; hyper's own default is ~400 KiB).
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        builder.http2().timer(TokioTimer::new());
+            .header_read_timeout(ctx.proxy.header_read_timeout)
+            .max_buf_size(MAX_REQUEST_HEADERS);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_REQUEST_HEADERS as u32);
         builder = match alpn.as_deref() {
             Some(ALPN_H2) => builder.http2_only(),
             Some(ALPN_HTTP_1_1) => builder.http1_only(),

@@ -518,7 +518,10 @@ impl OutboundListener {
     }
 }
 
-fn log_failure(upstream: SocketAddr, e: &OutboundError) {
+/// Logs why one app connection to `upstream` ended in failure: at info when the server was not
+/// who the route expects (a security event), else at debug. Public for callers that accept
+/// connections themselves.
+pub fn log_failure(upstream: SocketAddr, e: &OutboundError) {
     match e {
         // A server that is not who the route expects is a security event: say why at info.
         OutboundError::Handshake { source, .. } => {

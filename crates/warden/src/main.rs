@@ -72,7 +72,7 @@ enum Command {
     /// Certificates: inspect.
     #[command(subcommand)]
     Cert(ca_cmd::CertCommand),
-    /// Run the inbound proxy for one workload (explicit mode, loopback) until Ctrl-C.
+    /// Run the proxy for one workload, inbound and outbound (explicit mode, loopback) until Ctrl-C.
     #[command(long_about = proxy_cmd::LONG_ABOUT)]
     Proxy(proxy_cmd::ProxyArgs),
 }

@@ -1,7 +1,9 @@
-//! `warden proxy`: the inbound sidecar for one workload in explicit mode. Checks every flag,
-//! the certificate files and the configuration before anything listens (exit 2), then serves
-//! until Ctrl-C or SIGTERM, applying configuration and certificate changes from the files as
-//! they happen. Logs go to stderr, one line per event.
+//! `warden proxy`: the sidecar for one workload in explicit mode, inbound (`--inbound`) and
+//! outbound (`--outbound`, routes derived from the configuration with Istio's auto mTLS).
+//! Checks every flag, the certificate files and the configuration before anything listens
+//! (exit 2), then serves until Ctrl-C or SIGTERM, applying configuration and certificate
+//! changes from the files as they happen (outbound routes included). Logs go to stderr, one
+//! line per event.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -15,29 +17,41 @@ use std::time::SystemTime;
 use anyhow::{anyhow, bail, Context, Result};
 use arc_swap::ArcSwap;
 use clap::Args;
+use tokio::net::TcpListener;
+use warden_policy::config::Config;
 use warden_proxy::certs::{certs_dump, CertFiles, DEFAULT_CERT_POLL_INTERVAL};
 use warden_proxy::observe::{
     AccessLog, AdminHandlers, AdminServer, LogLevel, LogLevelControl, Observer, Readiness,
     DEFAULT_ACCESS_LOG_CAPACITY,
 };
+use warden_proxy::outbound::{
+    destination_for, log_failure, Destination, OutboundProxy, Route, Security,
+};
 use warden_proxy::source::{follow, FolderSource, SourceEvent};
 use warden_proxy::InboundProxy;
 
 /// `warden proxy --help`: what the command does, beyond each flag.
-pub const LONG_ABOUT: &str = "Run Warden's inbound proxy beside one workload (explicit mode: listeners on \
+pub const LONG_ABOUT: &str = "Run Warden's proxy beside one workload (explicit mode: listeners on \
 loopback addresses you choose, no iptables).\n\n\
 For each --inbound PORT=LISTEN_ADDR[,APP_ADDR], connections to LISTEN_ADDR are treated as \
 connections to the workload's container port PORT: mTLS or plaintext by the port's \
 PeerAuthentication mode, HTTP or TCP by its Service port, authorized by the workload's \
 policies, and forwarded to APP_ADDR (default 127.0.0.1:PORT). A LISTEN_ADDR port of 0 picks a \
 free port; the log says which.\n\n\
+For each --outbound LISTEN_ADDR=NS/SERVICE:PORT@UPSTREAM_ADDR, the app connects to the loopback \
+LISTEN_ADDR to reach port PORT of Service NS/SERVICE, whose inbound listener (its sidecar, or \
+the app when it has none) is at UPSTREAM_ADDR. The route follows Istio's auto mTLS: mTLS with \
+this workload's certificate, requiring the SPIFFE ID of the workload the Service selects, or \
+plaintext when that workload has no sidecar or the port's mode is DISABLE; HTTP when the port \
+declares it, else TCP. Routes are re-derived when the configuration changes (new connections \
+use the new route); a change that breaks a route keeps the old one and logs why.\n\n\
 Configuration comes from the same YAML `warden check -f` reads. The files are looked at every \
 second: a good change applies to new requests at once and re-checks open TCP connections, \
 closing those no longer allowed; a change that does not load, does not validate or lacks the \
 workload is refused and logged with file:line, and the last good configuration stays. The \
 certificate files are watched the same way (e.g. from `warden ca issue`); bad files are \
 refused and the current certificate stays.\n\n\
-Log lines on stderr include `listening`, `admin listening`, `config applied`, `config refused`, \
+Log lines on stderr include `listening`, `outbound listening`, `admin listening`, `config applied`, `config refused`, \
 `certificate rotated` and one decision line per request or TCP connection. The JSON access \
 log (one line per request or TCP connection) goes to --access-log. With --admin, a loopback \
 address serves /ready, /config_dump, /certs, /stats/prometheus and /logging (GET shows the \
@@ -57,8 +71,12 @@ pub struct ProxyArgs {
     workload: (String, String),
     /// A served port: container PORT, the loopback address to listen on, and where the app
     /// listens (default 127.0.0.1:PORT). Repeatable.
-    #[arg(long, value_name = "PORT=LISTEN_ADDR[,APP_ADDR]", value_parser = parse_inbound, required = true)]
+    #[arg(long, value_name = "PORT=LISTEN_ADDR[,APP_ADDR]", value_parser = parse_inbound, required_unless_present = "outbound")]
     inbound: Vec<Inbound>,
+    /// A destination the app reaches through a loopback listener: LISTEN_ADDR, the Service
+    /// port it stands for, and where the destination's inbound listener is. Repeatable.
+    #[arg(long, value_name = "LISTEN_ADDR=NS/SERVICE:PORT@UPSTREAM_ADDR", value_parser = parse_outbound)]
+    outbound: Vec<Outbound>,
     /// The workload's certificate chain (PEM, leaf first).
     #[arg(long, value_name = "FILE")]
     cert: PathBuf,
@@ -96,6 +114,169 @@ struct Inbound {
     port: u16,
     listen: SocketAddr,
     app: SocketAddr,
+}
+
+/// One `--outbound` flag.
+#[derive(Clone, Debug)]
+struct Outbound {
+    listen: SocketAddr,
+    namespace: String,
+    service: String,
+    port: u16,
+    upstream: SocketAddr,
+}
+
+impl Outbound {
+    fn target(&self) -> String {
+        format!("{}/{}:{}", self.namespace, self.service, self.port)
+    }
+}
+
+fn parse_outbound(s: &str) -> Result<Outbound, String> {
+    const FORM: &str = "LISTEN_ADDR=NS/SERVICE:PORT@UPSTREAM_ADDR";
+    let (listen, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected {FORM}, got \"{s}\""))?;
+    let listen: SocketAddr = listen.trim().parse().map_err(|_| {
+        format!("listen address \"{listen}\" is not IP:PORT (e.g. 127.0.0.1:15001)")
+    })?;
+    if !listen.ip().is_loopback() {
+        return Err(format!(
+            "listen address {listen} is not a loopback address; explicit mode listens on loopback only"
+        ));
+    }
+    let (target, upstream) = match rest.split_once('@') {
+        Some((t, u)) => (t, u),
+        None => {
+            return Err(format!(
+                "\"{s}\" has no @UPSTREAM_ADDR; explicit mode needs the address of the destination's inbound listener ({FORM})"
+            ))
+        }
+    };
+    let (service, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| format!("\"{target}\" is not NS/SERVICE:PORT"))?;
+    let (namespace, service) = match service.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            (ns.to_string(), name.to_string())
+        }
+        _ => return Err(format!("\"{target}\" is not NS/SERVICE:PORT")),
+    };
+    let port: u16 = port
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("\"{port}\" is not a port number (1-65535)"))?;
+    let upstream: SocketAddr = upstream.trim().parse().map_err(|_| {
+        format!("upstream address \"{upstream}\" is not IP:PORT (e.g. 127.0.0.1:15006)")
+    })?;
+    if upstream.port() == 0 {
+        return Err(format!("upstream address {upstream} has port 0"));
+    }
+    Ok(Outbound {
+        listen,
+        namespace,
+        service,
+        port,
+        upstream,
+    })
+}
+
+/// The route for one `--outbound` flag under `cfg`: the Service port's destination with auto
+/// mTLS, the same for every workload the Service selects (one upstream address cannot tell
+/// them apart, so they must agree).
+fn resolve_outbound(cfg: &Config, o: &Outbound) -> Result<Destination, String> {
+    let target = o.target();
+    let Some(svc) = cfg
+        .services
+        .iter()
+        .find(|s| s.namespace() == o.namespace && s.name() == o.service)
+    else {
+        let known: Vec<String> = cfg
+            .services
+            .iter()
+            .filter(|s| s.namespace() == o.namespace)
+            .map(|s| s.name().to_string())
+            .collect();
+        return Err(format!(
+            "--outbound {target}: there is no Service {}/{} in the configuration (Services in {}: {})",
+            o.namespace,
+            o.service,
+            o.namespace,
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        ));
+    };
+    if !svc.spec.ports.iter().any(|p| p.port == o.port) {
+        let known: Vec<String> = svc.spec.ports.iter().map(|p| p.port.to_string()).collect();
+        return Err(format!(
+            "--outbound {target}: Service {}/{} has no port {} (its ports: {})",
+            o.namespace,
+            o.service,
+            o.port,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ));
+    }
+    let mut found: Option<(String, Destination)> = None;
+    for wl in cfg.workloads.iter().filter(|w| {
+        cfg.services_selecting(w)
+            .any(|s| s.namespace() == o.namespace && s.name() == o.service)
+    }) {
+        let d = destination_for(cfg, wl, o.port, o.upstream)
+            .map_err(|e| format!("--outbound {target}: {e}"))?;
+        match &found {
+            None => found = Some((wl.id(), d)),
+            Some((first, fd)) if *fd != d => {
+                return Err(format!(
+                    "--outbound {target}: the workloads it selects need different routes ({first}: {}, {}: {}); one upstream address cannot serve both",
+                    describe_security(&fd.security),
+                    wl.id(),
+                    describe_security(&d.security)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    found.map(|(_, d)| d).ok_or_else(|| {
+        format!(
+            "--outbound {target}: Service {}/{} selects no workload in the configuration",
+            o.namespace, o.service
+        )
+    })
+}
+
+fn describe_security(s: &Security) -> String {
+    match s {
+        Security::Mtls(id) => format!("mTLS:{id}"),
+        Security::Plaintext => "plaintext".to_string(),
+    }
+}
+
+/// Accepts the app's connections for one outbound flag; each uses the route in force when it
+/// was accepted, so a configuration change applies to new connections.
+async fn serve_outbound(listener: TcpListener, route: Arc<ArcSwap<Route>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let route = route.load_full();
+                tokio::spawn(async move {
+                    let upstream = route.destination().upstream;
+                    if let Err(e) = route.serve_connection(stream).await {
+                        log_failure(upstream, &e);
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off briefly instead of spinning.
+                tracing::warn!(target: "warden::proxy", error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 fn parse_workload(s: &str) -> Result<(String, String), String> {
@@ -154,6 +335,11 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             bail!("--inbound: listen address {} is given twice", i.listen);
         }
     }
+    for o in &a.outbound {
+        if o.listen.port() != 0 && !listens.insert(o.listen) {
+            bail!("--outbound: listen address {} is given twice", o.listen);
+        }
+    }
     let cert_files = CertFiles {
         cert: a.cert.clone(),
         key: a.key.clone(),
@@ -196,6 +382,10 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             );
         };
         served.insert(i.port, settings.with_app(i.app));
+    }
+    let mut destinations = Vec::new();
+    for o in &a.outbound {
+        destinations.push(resolve_outbound(&first.config, o).map_err(|e| anyhow!(e))?);
     }
 
     let access_log = if a.access_log == "-" {
@@ -280,6 +470,24 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             );
             listeners.push(l);
         }
+        let outbound = OutboundProxy::new(identity.clone());
+        let mut routes = Vec::new();
+        for (o, d) in a.outbound.iter().zip(destinations) {
+            let listener = TcpListener::bind(o.listen)
+                .await
+                .with_context(|| format!("--outbound: cannot listen on {}", o.listen))?;
+            tracing::info!(
+                target: "warden::proxy",
+                outbound = %o.target(),
+                addr = %listener.local_addr()?,
+                upstream = %d.upstream,
+                security = %describe_security(&d.security),
+                protocol = ?d.protocol,
+                "outbound listening"
+            );
+            let route = Arc::new(ArcSwap::from_pointee(outbound.route(d)));
+            routes.push((o.clone(), route.clone(), listener));
+        }
         for port in first.ports.keys().filter(|p| !ports.contains(p)) {
             tracing::info!(target: "warden::proxy", port, "not served (no --inbound for it)");
         }
@@ -297,6 +505,11 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         if let Some(server) = admin {
             tokio::spawn(server.run());
         }
+        let mut outbound_routes = Vec::new();
+        for (o, route, listener) in routes {
+            tokio::spawn(serve_outbound(listener, route.clone()));
+            outbound_routes.push((o, route));
+        }
         let (wns, wname) = (ns.clone(), name.clone());
         let follower = proxy.clone();
         tokio::spawn(follow(source, proxy.clone(), move |event| {
@@ -304,6 +517,7 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
                 if let Ok(mut d) = dump.lock() {
                     *d = c.dump(&wns, &wname, follower.generation(), SystemTime::now());
                 }
+                update_routes(&outbound, &outbound_routes, &c.config);
             }
         }));
         tokio::spawn(cert_files.watch(identity, DEFAULT_CERT_POLL_INTERVAL, |_| {}));
@@ -315,6 +529,35 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Re-derives every outbound route from a newly applied configuration. A route that no longer
+/// resolves keeps the one in force (a bad change never replaces a good route) and says why.
+fn update_routes(
+    outbound: &OutboundProxy,
+    routes: &[(Outbound, Arc<ArcSwap<Route>>)],
+    cfg: &Config,
+) {
+    for (o, route) in routes {
+        match resolve_outbound(cfg, o) {
+            Ok(d) if d == *route.load().destination() => {}
+            Ok(d) => {
+                tracing::info!(
+                    target: "warden::proxy",
+                    outbound = %o.target(),
+                    upstream = %d.upstream,
+                    security = %describe_security(&d.security),
+                    protocol = ?d.protocol,
+                    "outbound route changed"
+                );
+                route.store(Arc::new(outbound.route(d)));
+            }
+            Err(e) => tracing::warn!(
+                target: "warden::proxy",
+                "outbound route kept; the new configuration does not resolve it: {e}"
+            ),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -434,3 +434,284 @@ fn warden_proxy_serves_the_admin_endpoints_and_an_access_log() {
     assert!(body.contains("debug"), "{body}");
     proxy.wait_for("log level changed");
 }
+
+const TWO_HOP: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio-injection: enabled}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: sleep, namespace: foo}
+spec:
+  template:
+    metadata: {labels: {app: sleep}}
+    spec:
+      serviceAccountName: sleep
+      containers: [{name: sleep}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: httpbin, namespace: foo}
+spec:
+  template:
+    metadata: {labels: {app: httpbin}}
+    spec:
+      serviceAccountName: httpbin
+      containers:
+      - name: httpbin
+        ports: [{containerPort: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {app: httpbin}
+  ports:
+  - {name: http, port: 8000, targetPort: 80}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: foo}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: httpbin-get, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/foo/sa/sleep"]}}]
+    to: [{operation: {methods: ["GET"]}}]
+"#;
+
+/// An HTTP/1.1 app answering every request with 200 and the `x-forwarded-client-cert` it
+/// received as the body; keeps connections alive, as the proxy pools them.
+fn xfcc_app() -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(WAIT));
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut xfcc = String::new();
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let l = line.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = l.split_once(':') {
+                            let k = k.trim().to_ascii_lowercase();
+                            if k == "x-forwarded-client-cert" {
+                                xfcc = v.trim().to_string();
+                            } else if k == "content-length" {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{xfcc}",
+                        xfcc.len()
+                    );
+                    if w.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 request with `Connection: close`: status and body.
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = connect(addr);
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: httpbin.foo:8000\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"));
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+fn proxy_args(config: &Path, certs: &Path, workload: &str, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "proxy".to_string(),
+        "-f".into(),
+        s(config),
+        "--workload".into(),
+        workload.into(),
+        "--cert".into(),
+        s(&certs.join("cert-chain.pem")),
+        "--key".into(),
+        s(&certs.join("key.pem")),
+        "--roots".into(),
+        s(&certs.join("root-cert.pem")),
+    ];
+    args.extend(extra.iter().cloned());
+    args
+}
+
+#[test]
+fn warden_proxy_two_hops_outbound_mtls_to_inbound_with_authorization() {
+    let tmp = TempDir::new("two-hop");
+    let ca = tmp.0.join("ca");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    for sa in ["sleep", "httpbin"] {
+        run_ok(&[
+            "ca",
+            "issue",
+            &format!("foo/{sa}"),
+            "--dir",
+            &s(&ca),
+            "--out",
+            &s(&tmp.0.join(sa)),
+        ]);
+    }
+    write_atomic(&config.join("mesh.yaml"), TWO_HOP);
+    let app = xfcc_app();
+
+    let mut httpbin = Proxy::start(&proxy_args(
+        &config,
+        &tmp.0.join("httpbin"),
+        "foo/httpbin",
+        &["--inbound".into(), format!("80=127.0.0.1:0,{app}")],
+    ));
+    let line = httpbin.wait_for("listening port=80");
+    assert!(line.contains("mode=STRICT"), "{line}");
+    let inbound = addr_in(&line);
+    httpbin.wait_for("config applied");
+
+    let mut sleep = Proxy::start(&proxy_args(
+        &config,
+        &tmp.0.join("sleep"),
+        "foo/sleep",
+        &[
+            "--outbound".into(),
+            format!("127.0.0.1:0=foo/httpbin:8000@{inbound}"),
+        ],
+    ));
+    let line = sleep.wait_for("outbound listening");
+    assert!(
+        line.contains("security=mTLS:spiffe://cluster.local/ns/foo/sa/httpbin"),
+        "{line}"
+    );
+    let outbound = addr_in(&line);
+    sleep.wait_for("config applied");
+
+    // Allowed: GET from sleep's identity, which reaches the app in XFCC.
+    let (status, body) = http(outbound, "GET", "/get");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("URI=spiffe://cluster.local/ns/foo/sa/sleep"),
+        "{body}"
+    );
+    // Denied by the policy's methods.
+    let (status, body) = http(outbound, "POST", "/post");
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body, "RBAC: access denied");
+    // Bypassing the sleep sidecar: plaintext on a STRICT port is closed without a response.
+    let mut direct = connect(inbound);
+    let _ = direct.write_all(b"GET /get HTTP/1.1\r\nHost: httpbin\r\n\r\n");
+    assert!(
+        closed_without_data(&mut direct),
+        "plaintext reached httpbin"
+    );
+
+    // Port 80 becomes DISABLE: the sleep proxy re-derives its route (auto mTLS → plaintext),
+    // so the next request arrives without a principal and the policy denies it.
+    write_atomic(&config.join("disable.yaml"), DISABLE_80);
+    httpbin.wait_for("config applied");
+    let line = sleep.wait_for("outbound route changed");
+    assert!(line.contains("security=plaintext"), "{line}");
+    let (status, body) = http(outbound, "GET", "/get");
+    assert_eq!(status, 403, "{body}");
+}
+
+const DISABLE_80: &str = r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    80: {mode: DISABLE}
+"#;
+
+#[test]
+fn warden_proxy_refuses_bad_outbound_flags_before_starting() {
+    let tmp = TempDir::new("outbound-flags");
+    let ca = tmp.0.join("ca");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "foo/sleep",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&tmp.0.join("sleep")),
+    ]);
+    write_atomic(&config.join("mesh.yaml"), TWO_HOP);
+    let cases: &[(&str, &str)] = &[
+        (
+            "127.0.0.1:0=foo/nope:8000@127.0.0.1:1",
+            "no Service foo/nope",
+        ),
+        (
+            "127.0.0.1:0=foo/httpbin:9999@127.0.0.1:1",
+            "has no port 9999",
+        ),
+        (
+            "10.0.0.1:0=foo/httpbin:8000@127.0.0.1:1",
+            "not a loopback address",
+        ),
+        ("127.0.0.1:0=foo/httpbin:8000@nowhere", "is not IP:PORT"),
+        ("127.0.0.1:0=foo/httpbin:8000", "no @UPSTREAM_ADDR"),
+        ("127.0.0.1:0=httpbin:8000@127.0.0.1:1", "NS/SERVICE:PORT"),
+    ];
+    for (flag, expected) in cases {
+        let args = proxy_args(
+            &config,
+            &tmp.0.join("sleep"),
+            "foo/sleep",
+            &["--outbound".into(), flag.to_string()],
+        );
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected {expected:?} in {err}"
+        );
+    }
+}

@@ -43,6 +43,7 @@ use crate::observe::{
 };
 use crate::ports::{InboundPort, PortProtocol, PortSettings};
 use crate::sniff::{is_http, is_tls, read_until, Rewind, MAX_SNIFF};
+use crate::xfcc::{self, PeerCert};
 
 /// Body of every response the proxy sends: the app's, streamed, or a local reply.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -59,8 +60,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_REQUEST_HEADERS: usize = 60 * 1024;
 /// How long connecting to the app may take for a TCP connection.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-const XFCC: &str = "x-forwarded-client-cert";
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1, plus `te`, which the
 /// HTTP/1 upstream does not need, and the non-standard `proxy-connection`).
@@ -117,8 +116,8 @@ struct ConnCtx {
 
 struct Peer {
     id: String,
-    /// Hex SHA-256 of the peer's leaf certificate (DER), as in XFCC's `Hash`.
-    leaf_hash: String,
+    /// What `x-forwarded-client-cert` says about the peer's leaf.
+    cert: PeerCert,
 }
 
 impl InboundProxy {
@@ -330,7 +329,7 @@ impl InboundProxy {
         };
         ctx.peer = Some(Peer {
             id: id.to_string(),
-            leaf_hash: sha256_hex(leaf.as_ref()),
+            cert: PeerCert::from_der(leaf.as_ref()),
         });
         ctx.sni = conn.server_name().map(str::to_string);
         let mut info = (*ctx.info).clone();
@@ -833,19 +832,11 @@ impl ConnCtx {
             };
             headers.insert(n, v);
         }
-        // Sanitize, then set: only this proxy vouches for the client certificate.
-        headers.remove(XFCC);
-        if let Some(peer) = &self.peer {
-            let xfcc = format!(
-                "By={};Hash={};URI={}",
-                self.proxy.own_id(),
-                peer.leaf_hash,
-                peer.id
-            );
-            if let Ok(v) = HeaderValue::from_str(&xfcc) {
-                headers.insert(XFCC, v);
-            }
-        }
+        xfcc::append_forward(
+            &mut headers,
+            &self.proxy.own_id(),
+            self.peer.as_ref().map(|p| &p.cert),
+        );
         let mut out = HttpReq::new(body);
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
@@ -992,11 +983,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in HOP_BY_HOP {
         headers.remove(*n);
     }
-}
-
-fn sha256_hex(der: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn now_unix() -> i64 {

@@ -12,6 +12,7 @@ pub mod outbound;
 pub mod ports;
 mod sniff;
 pub mod source;
+pub mod xfcc;
 
 pub use error::ProxyError;
 pub use inbound::{InboundListener, InboundProxy};

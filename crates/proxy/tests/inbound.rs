@@ -528,7 +528,7 @@ async fn permissive_accepts_plaintext_without_policy_and_strips_xfcc() {
 }
 
 #[tokio::test]
-async fn xfcc_names_the_mtls_peer_and_replaces_a_spoofed_one() {
+async fn xfcc_appends_the_mtls_peer_after_what_the_client_sent() {
     bounded(async {
         let h = Harness::start("").await;
         let (s, leaf) = h.tls(HTTP_PORT, "good", None).await;
@@ -543,8 +543,9 @@ async fn xfcc_names_the_mtls_peer_and_replaces_a_spoofed_one() {
         .await;
         assert_eq!(
             a.app_header("x-forwarded-client-cert").unwrap(),
+            // Istio's APPEND_FORWARD: the client's value stays, this proxy's element is last.
             format!(
-                "By=spiffe://cluster.local/ns/foo/sa/server;Hash={};URI=spiffe://cluster.local/ns/foo/sa/good",
+                "By=spiffe://evil;URI=spiffe://cluster.local/ns/foo/sa/admin,By=spiffe://cluster.local/ns/foo/sa/server;Hash={};Subject=\"\";URI=spiffe://cluster.local/ns/foo/sa/good",
                 sha256_hex(&leaf)
             )
         );

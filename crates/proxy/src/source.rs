@@ -5,22 +5,34 @@
 //! change that does not load, does not validate or lacks the workload. [`follow`] applies what a
 //! source yields to an [`InboundProxy`] and logs every outcome; a refused change never replaces
 //! the configuration in force. The control plane adds a streaming source behind the same trait.
+//!
+//! Keys of a `jwksUri` are resolved when a configuration is loaded, as istiod does before it
+//! pushes a config to a sidecar, through a [`JwksResolver`] the binary supplies (this crate
+//! has no outbound HTTP client), and resolved again every [`DEFAULT_JWKS_REFRESH`] (istiod's
+//! `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`) even when no file changed.
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use warden_policy::config::{Config, Loader};
-use warden_policy::engine::{InlineJwksOnly, WorkloadPolicy};
+use warden_policy::engine::{InlineJwksOnly, JwksSource, WorkloadPolicy};
 
 use crate::inbound::InboundProxy;
 use crate::ports::{port_table, PortSettings};
 
 /// How often [`FolderSource`] looks at its files by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the keys of `jwksUri` rules are fetched again (istiod's default: 20 minutes).
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(20 * 60);
+
+/// Resolves the keys of every `jwksUri` rule of a configuration (blocking; run off the async
+/// threads). Without one, only inline `jwks` have keys and tokens for other rules fail closed.
+pub type JwksResolver = Arc<dyn Fn(&Config) -> Box<dyn JwksSource> + Send + Sync>;
 
 /// File names the folder loader reads, as `warden check -f DIR` does.
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
@@ -101,6 +113,11 @@ pub struct FolderSource {
     /// What the files looked like at the last load (good or refused): a change is a
     /// difference from it.
     seen: Option<Fingerprint>,
+    jwks: Option<JwksResolver>,
+    jwks_refresh: Duration,
+    /// When the last good configuration with `jwksUri` rules was loaded (their keys are due
+    /// again `jwks_refresh` later); `None` when it has none.
+    remote_keys_loaded: Option<Instant>,
 }
 
 /// Names, sizes and modification times of every file a load reads.
@@ -122,7 +139,17 @@ impl FolderSource {
             workload: workload.to_string(),
             interval: DEFAULT_POLL_INTERVAL,
             seen: None,
+            jwks: None,
+            jwks_refresh: DEFAULT_JWKS_REFRESH,
+            remote_keys_loaded: None,
         }
+    }
+
+    /// Resolves `jwksUri` keys with `resolver` at each load, and again every `refresh`.
+    pub fn with_jwks(mut self, resolver: JwksResolver, refresh: Duration) -> FolderSource {
+        self.jwks = Some(resolver);
+        self.jwks_refresh = refresh;
+        self
     }
 
     /// Changes how often the files are looked at.
@@ -134,9 +161,27 @@ impl FolderSource {
     /// Loads the files as they are now: the configuration, or every reason it is refused.
     /// Blocking (file I/O); at start, before the proxy runs.
     pub fn load_now(&mut self) -> Result<WorkloadConfig, Vec<String>> {
-        let (fingerprint, result) = load(&self.paths, self.mesh.as_deref(), &self.target());
+        let (fingerprint, result) = load(
+            &self.paths,
+            self.mesh.as_deref(),
+            &self.target(),
+            self.jwks.as_ref(),
+        );
         self.seen = Some(fingerprint);
+        self.note_loaded(&result);
         result
+    }
+
+    fn note_loaded(&mut self, result: &Result<WorkloadConfig, Vec<String>>) {
+        if let Ok(c) = result {
+            self.remote_keys_loaded =
+                (self.jwks.is_some() && has_remote_keys(&c.config)).then(Instant::now);
+        }
+    }
+
+    fn keys_due(&self) -> bool {
+        self.remote_keys_loaded
+            .is_some_and(|at| at.elapsed() >= self.jwks_refresh)
     }
 
     fn target(&self) -> (String, String) {
@@ -154,18 +199,21 @@ impl ConfigSource for FolderSource {
             let mesh = self.mesh.clone();
             let seen = self.seen.clone();
             let target = self.target();
+            let jwks = self.jwks.clone();
+            let keys_due = self.keys_due();
             let scanned = tokio::task::spawn_blocking(move || {
                 let now = fingerprint(&paths, mesh.as_deref());
-                if seen.as_ref() == Some(&now) {
+                if seen.as_ref() == Some(&now) && !keys_due {
                     return None;
                 }
-                Some(load(&paths, mesh.as_deref(), &target))
+                Some(load(&paths, mesh.as_deref(), &target, jwks.as_ref()))
             })
             .await;
             let Ok(Some((fp, result))) = scanned else {
                 continue;
             };
             self.seen = Some(fp);
+            self.note_loaded(&result);
             return Some(match result {
                 Ok(c) => SourceEvent::Config(c),
                 Err(reasons) => SourceEvent::Refused(reasons),
@@ -181,6 +229,7 @@ fn load(
     paths: &[PathBuf],
     mesh: Option<&Path>,
     target: &(String, String),
+    jwks: Option<&JwksResolver>,
 ) -> (Fingerprint, Result<WorkloadConfig, Vec<String>>) {
     let fp = fingerprint(paths, mesh);
     let files = match collect_all(paths) {
@@ -229,7 +278,12 @@ fn load(
             )]),
         );
     };
-    let policy = Arc::new(WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly));
+    let policy = match jwks {
+        Some(resolve) if has_remote_keys(&cfg) => {
+            Arc::new(WorkloadPolicy::compile(&cfg, wl, resolve(&cfg).as_ref()))
+        }
+        _ => Arc::new(WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly)),
+    };
     let ports = port_table(&cfg, wl);
     let origin = format!(
         "{} ({} file(s))",
@@ -250,6 +304,14 @@ fn load(
             origin,
         }),
     )
+}
+
+/// Whether any JWT rule has keys that must be fetched (no inline `jwks`).
+fn has_remote_keys(cfg: &Config) -> bool {
+    cfg.request_authentications
+        .iter()
+        .flat_map(|p| p.spec.jwt_rules.iter().flatten())
+        .any(|r| r.jwks.is_empty())
 }
 
 fn fingerprint(paths: &[PathBuf], mesh: Option<&Path>) -> Fingerprint {

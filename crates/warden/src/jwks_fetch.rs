@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
@@ -111,6 +111,53 @@ impl JwksSource for Fetched {
             .unwrap_or_else(|| KeySource::Unavailable {
                 reason: format!("jwksUri {} was not fetched", target.first_uri()),
             })
+    }
+}
+
+/// The resolver `warden proxy` loads configurations with. Each load fetches anew; a target
+/// whose fetch fails keeps the keys it last had, as istiod does when a refresh fails, so a JWKS
+/// server's outage does not turn valid tokens away. A target never fetched stays unavailable,
+/// and its tokens are refused (fail closed).
+pub fn proxy_resolver() -> warden_proxy::source::JwksResolver {
+    let last: Arc<Mutex<BTreeMap<Target, KeySource>>> = Arc::default();
+    Arc::new(move |cfg: &Config| -> Box<dyn JwksSource> {
+        Box::new(LastGood {
+            fetched: Fetched::for_config(cfg),
+            last: last.clone(),
+        })
+    })
+}
+
+struct LastGood {
+    fetched: Fetched,
+    last: Arc<Mutex<BTreeMap<Target, KeySource>>>,
+}
+
+impl JwksSource for LastGood {
+    fn keys_for(&self, rule: &JwtRule) -> KeySource {
+        let keys = self.fetched.keys_for(rule);
+        let Some(target) = Target::of(rule).filter(|_| rule.jwks.is_empty()) else {
+            return keys;
+        };
+        let Ok(mut last) = self.last.lock() else {
+            return keys;
+        };
+        match keys {
+            KeySource::Inline(_) => {
+                last.insert(target, keys.clone());
+                keys
+            }
+            failed => match last.get(&target) {
+                Some(good) => {
+                    tracing::warn!(
+                        uri = %target.first_uri(),
+                        "JWKS fetch failed; keeping the keys fetched before"
+                    );
+                    good.clone()
+                }
+                None => failed,
+            },
+        }
     }
 }
 

@@ -28,6 +28,8 @@ use warden_proxy::outbound::{
     destination_for, log_failure, Destination, OutboundProxy, Route, Security,
 };
 use warden_proxy::source::{follow, FolderSource, SourceEvent};
+
+use crate::jwks_fetch;
 use warden_proxy::InboundProxy;
 
 /// `warden proxy --help`: what the command does, beyond each flag.
@@ -93,6 +95,16 @@ pub struct ProxyArgs {
     /// Where the JSON access log goes: a file (appended to) or `-` for stdout.
     #[arg(long, value_name = "PATH|-", default_value = "-")]
     access_log: String,
+    /// How often the keys of RequestAuthentication `jwksUri`s are fetched again (istiod's
+    /// PILOT_JWT_PUB_KEY_REFRESH_INTERVAL). A failed fetch keeps the keys fetched before.
+    #[arg(long, value_name = "DURATION", default_value = "20m", value_parser = parse_refresh)]
+    jwks_refresh: std::time::Duration,
+}
+
+fn parse_refresh(s: &str) -> Result<std::time::Duration, String> {
+    jwks_fetch::parse_go_duration(s)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("\"{s}\" is not a duration such as 30s, 20m or 1h"))
 }
 
 fn parse_admin(s: &str) -> Result<SocketAddr, String> {
@@ -349,7 +361,8 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         .initial_state()
         .map_err(|e| anyhow!("the workload certificate is refused: {e}"))?;
     let (ns, name) = &a.workload;
-    let mut source = FolderSource::new(a.files.clone(), a.mesh.clone(), ns, name);
+    let mut source = FolderSource::new(a.files.clone(), a.mesh.clone(), ns, name)
+        .with_jwks(jwks_fetch::proxy_resolver(), a.jwks_refresh);
     let first = source
         .load_now()
         .map_err(|reasons| anyhow!("the configuration is refused:\n  {}", reasons.join("\n  ")))?;

@@ -715,3 +715,156 @@ fn warden_proxy_refuses_bad_outbound_flags_before_starting() {
         );
     }
 }
+
+/// The RS256 key and a token for it (valid until 2118) from the shared conformance suite
+/// (authz-jwt-02): `iss` and `sub` are `testing@secure.istio.io`.
+const JWKS: &str = r#"{"keys":[{"kty":"RSA","alg":"RS256","use":"sig","kid":"warden-test-key-1","e":"AQAB","n":"v6PNADQXyVsl4w-5OCb1DZzVg2gP3xDInmrouR7qzp4o4aauqYftrKWfYC9Iu0R7sJAhXqyT6Uw1c2P6uLI4MdqdxkXJ9z3I69SnLDh4MZR215XbnPKDeYXwUEkPtFfVi0BIgbUuCnMYGOne4oLkJfOPmuHHHX7IV544LmRfOrQg0IEr_uib9ESdw5OE-KS_QFwlUbfgfaCmsCRTRvT3XdntbuDrQv5oBlMZFrFPiWp_rAePCzK2xg7exIwShgonRGUaVpGkGLooEtJt9Zixzi0uWxZtC-HQtCvwKHzLUk62CUncTq-AdDxe0meZaaV_TnzbtF3QvmhMXT7pF5Fbbw"}]}"#;
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6IndhcmRlbi10ZXN0LWtleS0xIiwidHlwIjoiSldUIn0.eyJleHAiOjQ2ODU5ODk3MDAsImZvbyI6ImJhciIsImlhdCI6MTc2NzIyNTYwMCwiaXNzIjoidGVzdGluZ0BzZWN1cmUuaXN0aW8uaW8iLCJzdWIiOiJ0ZXN0aW5nQHNlY3VyZS5pc3Rpby5pbyJ9.HCDJCiXqcPa0BmizM4GM6g-fGGxNwZ_GVPeon9QFKkHOJWzSAss2s5a7CuHRlZIX8L7RbzWVm1mqbX5AShdgPKsOTBn4DI-KPE-VfRKZaPF7AHK49DOf3W4HkkF28lxzh0oRkgZrFuC0DV73gr-vSzw8mITYG5l6PxCpGQXbfyERpWdXKLchdHUAIPK0zSObIFl3GgPufolgTvSe71Mc8Q_tJoxq6RxRTAlJAJoMgJfgGHyDAZNlHTDLEpXxAObn1CqF6_S4YkjTmbHtnb2xKk1LOiYP437iEEXkRDo-QtpBN3Djfllz27Ibc6Lt4wYVzc81xdywWyvlGA6V3Clr_g";
+
+const JWKS_URI_CONFIG: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio-injection: enabled}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: httpbin, namespace: foo}
+spec:
+  template:
+    metadata: {labels: {app: httpbin}}
+    spec:
+      serviceAccountName: httpbin
+      containers:
+      - name: httpbin
+        ports: [{containerPort: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {app: httpbin}
+  ports:
+  - {name: http, port: 8000, targetPort: 80}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  jwtRules:
+  - issuer: testing@secure.istio.io
+    jwksUri: JWKS_URI
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: require-jwt, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  rules:
+  - from: [{source: {requestPrincipals: ["testing@secure.istio.io/testing@secure.istio.io"]}}]
+"#;
+
+/// A JWKS server: serves [`JWKS`] while `up` is set, 503 otherwise; counts requests.
+fn jwks_server(
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> SocketAddr {
+    use std::sync::atomic::Ordering;
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.set_read_timeout(Some(WAIT));
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 2 {
+                line.clear();
+            }
+            hits.fetch_add(1, Ordering::SeqCst);
+            let reply = if up.load(Ordering::SeqCst) {
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{JWKS}",
+                    JWKS.len()
+                )
+            } else {
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 GET with an optional bearer token: the status.
+fn get_with_token(addr: SocketAddr, token: Option<&str>) -> u16 {
+    let mut s = connect(addr);
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /get HTTP/1.1\r\nHost: httpbin.foo:8000\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"))
+}
+
+#[test]
+fn warden_proxy_fetches_jwks_uri_and_keeps_the_keys_when_a_refresh_fails() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let tmp = TempDir::new("jwks-uri");
+    let ca = tmp.0.join("ca");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "foo/httpbin",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&tmp.0.join("httpbin")),
+    ]);
+    let up = Arc::new(AtomicBool::new(true));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let jwks = jwks_server(up.clone(), hits.clone());
+    write_atomic(
+        &config.join("mesh.yaml"),
+        &JWKS_URI_CONFIG.replace("JWKS_URI", &format!("http://{jwks}/jwks.json")),
+    );
+    let app = xfcc_app();
+    let mut proxy = Proxy::start(&proxy_args(
+        &config,
+        &tmp.0.join("httpbin"),
+        "foo/httpbin",
+        &[
+            "--inbound".into(),
+            format!("80=127.0.0.1:0,{app}"),
+            "--jwks-refresh".into(),
+            "1s".into(),
+        ],
+    ));
+    let inbound = addr_in(&proxy.wait_for("listening"));
+    assert!(
+        hits.load(Ordering::SeqCst) >= 1,
+        "the JWKS was not fetched at start"
+    );
+
+    assert_eq!(get_with_token(inbound, Some(TOKEN)), 200);
+    assert_eq!(get_with_token(inbound, None), 403);
+    assert_eq!(get_with_token(inbound, Some("not.a.jwt")), 401);
+
+    // The JWKS server fails: the next refresh keeps the keys it had, and tokens still pass.
+    up.store(false, Ordering::SeqCst);
+    proxy.wait_for("keeping the keys fetched before");
+    proxy.wait_for("config applied");
+    assert_eq!(get_with_token(inbound, Some(TOKEN)), 200);
+}

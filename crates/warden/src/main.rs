@@ -14,6 +14,7 @@ mod describe;
 mod input;
 mod jwks_fetch;
 mod proxy_cmd;
+mod proxy_identity;
 mod render;
 mod testcmd;
 

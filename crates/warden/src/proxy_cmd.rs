@@ -18,8 +18,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use arc_swap::ArcSwap;
 use clap::Args;
 use tokio::net::TcpListener;
+use warden_identity::spiffe::SpiffeId;
 use warden_policy::config::Config;
-use warden_proxy::certs::{certs_dump, CertFiles, DEFAULT_CERT_POLL_INTERVAL};
+use warden_proxy::certs::{certs_dump, CertFiles};
 use warden_proxy::observe::{
     AccessLog, AdminHandlers, AdminServer, LogLevel, LogLevelControl, Observer, Readiness,
     DEFAULT_ACCESS_LOG_CAPACITY,
@@ -30,6 +31,7 @@ use warden_proxy::outbound::{
 use warden_proxy::source::{follow, FolderSource, SourceEvent};
 
 use crate::jwks_fetch;
+use crate::proxy_identity::IdentitySource;
 use warden_proxy::InboundProxy;
 
 /// `warden proxy --help`: what the command does, beyond each flag.
@@ -52,7 +54,10 @@ second: a good change applies to new requests at once and re-checks open TCP con
 closing those no longer allowed; a change that does not load, does not validate or lacks the \
 workload is refused and logged with file:line, and the last good configuration stays. The \
 certificate files are watched the same way (e.g. from `warden ca issue`); bad files are \
-refused and the current certificate stays.\n\n\
+refused and the current certificate stays. With --ca-addr instead of --cert/--key, the \
+certificate comes from `warden ca serve`: a key made in memory, a CSR sent with the bootstrap \
+token of --ca-token-file, renewal at about half the lifetime with the current certificate, and \
+the CA's trust bundle; no listener opens before the first certificate arrives.\n\n\
 Log lines on stderr include `listening`, `outbound listening`, `admin listening`, `config applied`, `config refused`, \
 `certificate rotated` and one decision line per request or TCP connection. The JSON access \
 log (one line per request or TCP connection) goes to --access-log. With --admin, a loopback \
@@ -79,15 +84,31 @@ pub struct ProxyArgs {
     /// port it stands for, and where the destination's inbound listener is. Repeatable.
     #[arg(long, value_name = "LISTEN_ADDR=NS/SERVICE:PORT@UPSTREAM_ADDR", value_parser = parse_outbound)]
     outbound: Vec<Outbound>,
-    /// The workload's certificate chain (PEM, leaf first).
-    #[arg(long, value_name = "FILE")]
-    cert: PathBuf,
+    /// The workload's certificate chain (PEM, leaf first); watched for rotation.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "key",
+        required_unless_present = "ca_addr"
+    )]
+    cert: Option<PathBuf>,
     /// The certificate's private key (PEM, PKCS#8).
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
-    /// The roots peers are verified against (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// The roots peers are verified against (PEM). With --ca-addr, also the roots the CA's
+    /// own certificate must chain to, until the CA sends its bundle.
     #[arg(long, value_name = "FILE")]
     roots: PathBuf,
+    /// Get the certificate from Warden's CA service at HOST:PORT (`warden ca serve`) instead
+    /// of files: a key made in memory, renewed at about half its lifetime.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["cert", "key"])]
+    ca_addr: Option<String>,
+    /// The bootstrap token for the first certificate (`warden ca token`), read at each use.
+    #[arg(long, value_name = "FILE", requires = "ca_addr")]
+    ca_token_file: Option<PathBuf>,
+    /// Certificate lifetime to ask the CA for (default: the CA's, 24h).
+    #[arg(long, value_name = "DURATION", requires = "ca_addr", value_parser = parse_refresh)]
+    cert_ttl: Option<std::time::Duration>,
     /// Serve the admin endpoints on this loopback address (port 0 picks a free port; the
     /// `admin listening` log line says which).
     #[arg(long, value_name = "ADDR", value_parser = parse_admin)]
@@ -352,14 +373,25 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             bail!("--outbound: listen address {} is given twice", o.listen);
         }
     }
-    let cert_files = CertFiles {
-        cert: a.cert.clone(),
-        key: a.key.clone(),
-        roots: a.roots.clone(),
+    let identity_source = match (&a.ca_addr, &a.cert, &a.key) {
+        (Some(addr), _, _) => {
+            if a.ca_token_file.is_none() {
+                bail!("--ca-addr needs --ca-token-file: a new workload has no certificate to renew, so its first one needs a bootstrap token (`warden ca token NS/SA`)");
+            }
+            IdentitySource::Ca {
+                addr: addr.clone(),
+                roots: a.roots.clone(),
+                token_file: a.ca_token_file.clone(),
+                ttl: a.cert_ttl,
+            }
+        }
+        (None, Some(cert), Some(key)) => IdentitySource::Files(CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            roots: a.roots.clone(),
+        }),
+        _ => bail!("give either --cert and --key, or --ca-addr"),
     };
-    let identity = cert_files
-        .initial_state()
-        .map_err(|e| anyhow!("the workload certificate is refused: {e}"))?;
     let (ns, name) = &a.workload;
     let mut source = FolderSource::new(a.files.clone(), a.mesh.clone(), ns, name)
         .with_jwks(jwks_fetch::proxy_resolver(), a.jwks_refresh);
@@ -370,15 +402,13 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         .config
         .workload(ns, name)
         .ok_or_else(|| anyhow!("workload {ns}/{name} is not in the configuration"))?;
-    if let Some(id) = identity.svid_id() {
-        if id.namespace() != wl.namespace || id.service_account() != wl.service_account {
-            bail!(
-                "--cert names {id}, but workload {ns}/{name} runs as service account {}/{}; peers would see the wrong identity",
-                wl.namespace,
-                wl.service_account
-            );
-        }
-    }
+    let own_id = SpiffeId::new(
+        &first.config.mesh.trust_domain,
+        &wl.namespace,
+        &wl.service_account,
+    )
+    .map_err(|e| anyhow!("workload {ns}/{name}: {e}"))?;
+    let prepared = identity_source.prepare(&own_id)?;
     let mut served = BTreeMap::new();
     for i in &a.inbound {
         let Some(settings) = first.ports.get(&i.port) else {
@@ -420,6 +450,7 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        let identity = prepared.start().await;
         let store = Arc::new(ArcSwap::new(first.policy.clone()));
         let proxy = Arc::new(
             InboundProxy::new(store, identity.clone(), served)
@@ -533,7 +564,6 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
                 update_routes(&outbound, &outbound_routes, &c.config);
             }
         }));
-        tokio::spawn(cert_files.watch(identity, DEFAULT_CERT_POLL_INTERVAL, |_| {}));
         shutdown_signal().await;
         tracing::info!(target: "warden::proxy", "shutting down");
         if let Some(log) = observer.access_log() {

@@ -868,3 +868,138 @@ fn warden_proxy_fetches_jwks_uri_and_keeps_the_keys_when_a_refresh_fails() {
     proxy.wait_for("config applied");
     assert_eq!(get_with_token(inbound, Some(TOKEN)), 200);
 }
+
+/// Runs a warden command that should succeed within [`WAIT`]: its stdout.
+fn stdout_of(args: &[&str]) -> String {
+    let out = warden()
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn warden");
+    let pid = out.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(out.wait_with_output());
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(Ok(o)) => {
+            assert!(
+                o.status.success(),
+                "warden {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        }
+        Ok(Err(e)) => panic!("warden {args:?}: {e}"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("warden {args:?} did not finish within {WAIT:?}");
+        }
+    }
+}
+
+#[test]
+fn warden_proxy_gets_its_certificate_from_the_ca_service_with_a_bootstrap_token() {
+    let tmp = TempDir::new("ca-client");
+    let ca = tmp.0.join("ca");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "foo/sleep",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&tmp.0.join("sleep")),
+    ]);
+    write_atomic(&config.join("mesh.yaml"), TWO_HOP);
+    let mut server = Proxy::start(&[
+        "ca".into(),
+        "serve".into(),
+        "--dir".into(),
+        s(&ca),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let line = server.wait_for("serving istio.v1.auth.IstioCertificateService on");
+    let ca_addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line}"))
+        .to_string();
+
+    // A token for another identity cannot get httpbin a certificate: the proxy keeps
+    // retrying and never listens.
+    let token_file = tmp.0.join("token");
+    let wrong = stdout_of(&["ca", "token", "foo/sleep", "--dir", &s(&ca)]);
+    write_atomic(&token_file, wrong.trim());
+    let app = xfcc_app();
+    let ca_args = |extra: &[String]| {
+        let mut args = vec![
+            "proxy".to_string(),
+            "-f".into(),
+            s(&config),
+            "--workload".into(),
+            "foo/httpbin".into(),
+            "--ca-addr".into(),
+            ca_addr.clone(),
+            "--ca-token-file".into(),
+            s(&token_file),
+            "--roots".into(),
+            s(&ca.join("root-cert.pem")),
+            "--inbound".into(),
+            format!("80=127.0.0.1:0,{app}"),
+        ];
+        args.extend(extra.iter().cloned());
+        args
+    };
+    {
+        let mut refused = Proxy::start(&ca_args(&[]));
+        let line = refused.wait_for("certificate fetch failed");
+        assert!(
+            line.contains("PermissionDenied")
+                && line
+                    .contains("entitles the caller only to spiffe://cluster.local/ns/foo/sa/sleep"),
+            "{line}"
+        );
+        assert!(
+            !refused.log.iter().any(|l| l.contains("listening")),
+            "listened without a certificate: {:?}",
+            refused.log
+        );
+    }
+
+    let right = stdout_of(&["ca", "token", "foo/httpbin", "--dir", &s(&ca)]);
+    write_atomic(&token_file, right.trim());
+    let mut httpbin = Proxy::start(&ca_args(&[]));
+    let line = httpbin.wait_for("certificate issued");
+    assert!(
+        line.contains("spiffe://cluster.local/ns/foo/sa/httpbin"),
+        "{line}"
+    );
+    let inbound = addr_in(&httpbin.wait_for("listening port=80"));
+
+    // sleep (certificate from files) dials httpbin over mTLS and requires httpbin's SPIFFE ID:
+    // the CA-issued certificate is what httpbin presents.
+    let mut sleep = Proxy::start(&proxy_args(
+        &config,
+        &tmp.0.join("sleep"),
+        "foo/sleep",
+        &[
+            "--outbound".into(),
+            format!("127.0.0.1:0=foo/httpbin:8000@{inbound}"),
+        ],
+    ));
+    let outbound = addr_in(&sleep.wait_for("outbound listening"));
+    sleep.wait_for("config applied");
+    let (status, body) = http(outbound, "GET", "/get");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("By=spiffe://cluster.local/ns/foo/sa/httpbin;")
+            && body.contains("URI=spiffe://cluster.local/ns/foo/sa/sleep"),
+        "{body}"
+    );
+}

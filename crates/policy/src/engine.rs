@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::authz::{Attrs, CompiledAuthz, HttpAttrs, Protocol, RbacResult, RuleMatch};
 use crate::config::{Config, Resource, Workload};
 use crate::jwt::{self, JwtOutcome, JwtProvider, KeySource, TokenRequest};
-use crate::mesh::{ExtAuthzKind, MeshConfig};
+use crate::mesh::{ExtAuthzKind, ExtAuthzSettings, MeshConfig};
 use crate::model::{JwtRule, RequestAuthenticationSpec};
 use crate::path::{normalize, split_request_target, Normalization};
 use crate::scope;
@@ -292,6 +292,26 @@ impl WorkloadPolicy {
             normalization: cfg.mesh.path_normalization,
             mesh: cfg.mesh.clone(),
         }
+    }
+
+    /// The settings of CUSTOM provider `name` in the mesh config, if it is an ext_authz one.
+    pub fn ext_authz_provider(&self, name: &str) -> Option<(ExtAuthzKind, &ExtAuthzSettings)> {
+        self.mesh
+            .provider(name)
+            .and_then(|p| p.ext_authz.as_ref())
+            .map(|(k, s)| (*k, s))
+    }
+
+    /// The request target as HTTP filters see it (ext_authz included): the path normalized per
+    /// the mesh config, the query kept, any fragment dropped; `None` when normalization refuses
+    /// the path.
+    pub fn filter_target(&self, target: &str) -> Option<String> {
+        let (raw, query) = split_request_target(target);
+        let p = normalize(raw, self.normalization).ok()?;
+        Some(match query {
+            Some(q) => format!("{p}?{q}"),
+            None => p.to_string(),
+        })
     }
 
     /// Decides one request (HTTP) or connection (TCP) in Envoy's order:

@@ -32,11 +32,12 @@ use tokio_rustls::TlsAcceptor;
 use warden_identity::tls::{peer_spiffe_id, server_config, IdentityState, ALPN_H2, ALPN_HTTP_1_1};
 use warden_policy::authz::Protocol;
 use warden_policy::engine::{
-    Decision, HttpRequest, Outcome, Request, WorkloadPolicy, RBAC_DENIED_BODY,
+    Decision, HttpRequest, Outcome, Request, Step, WorkloadPolicy, RBAC_DENIED_BODY,
 };
 use warden_policy::model::MtlsMode;
 
 use crate::error::ProxyError;
+use crate::ext_authz::{CheckRequest, CheckResult, ExtAuthzClient};
 use crate::observe::{
     ConnectionInfo, DecisionSummary, Observer, RequestInfo, RequestProtocol, ResponseFlag,
     ResponseFlags, TcpInfo, UNKNOWN,
@@ -94,6 +95,8 @@ pub struct InboundProxy {
     observer: Arc<Observer>,
     /// This workload's name and namespace, for the reports.
     workload: (String, String),
+    /// Asks CUSTOM providers.
+    ext_authz: ExtAuthzClient,
 }
 
 /// What is known about one downstream connection.
@@ -147,7 +150,15 @@ impl InboundProxy {
             header_read_timeout: HEADER_READ_TIMEOUT,
             observer: Arc::new(Observer::new(None)),
             workload: (UNKNOWN.to_string(), UNKNOWN.to_string()),
+            ext_authz: ExtAuthzClient::default(),
         }
+    }
+
+    /// Dials these addresses for the named CUSTOM providers instead of their `service:port`
+    /// (mesh hostnames do not resolve in explicit mode).
+    pub fn with_ext_authz_addrs(mut self, addrs: BTreeMap<String, SocketAddr>) -> Self {
+        self.ext_authz = ExtAuthzClient::new(addrs);
+        self
     }
 
     /// Reports every request and connection to `observer` (by default, metrics no one reads
@@ -575,7 +586,7 @@ impl ConnCtx {
                 (allowed, DecisionSummary::from(d))
             }
             Err(e) => {
-                let why = format!("{e}; Warden has no ext_authz client yet, so it fails closed");
+                let why = format!("{e}; Warden does not speak envoyExtAuthzGrpc (network ext_authz) yet, so the connection fails closed");
                 self.log_tcp(event, Outcome::Reset.as_str(), Some(e.rule.clone()), &why);
                 (false, DecisionSummary::local(Outcome::Reset.as_str(), why))
             }
@@ -697,14 +708,48 @@ impl ConnCtx {
                 headers: &headers,
             }),
         };
-        let decision = policy.evaluate(&ereq, Protocol::Http, now_unix(), &mut |_, _| None);
+        // CUSTOM: the engine says which provider it needs; ask it, then decide again with the
+        // answer (at most once per provider, so a misbehaving engine cannot loop).
+        let mut answers: BTreeMap<String, CheckResult> = BTreeMap::new();
+        let decision = loop {
+            let r = policy.evaluate(&ereq, Protocol::Http, now_unix(), &mut |p, _| {
+                answers.get(p).map(|c| c.answer)
+            });
+            let e = match r {
+                Err(e) if !answers.contains_key(&e.provider) => e,
+                other => break other,
+            };
+            let Some((kind, settings)) = policy
+                .ext_authz_provider(&e.provider)
+                .map(|(k, s)| (k, s.clone()))
+            else {
+                break Err(e);
+            };
+            let path = policy
+                .filter_target(target)
+                .unwrap_or_else(|| target.to_string());
+            let check = CheckRequest {
+                method: parts.method.as_str(),
+                authority: &authority,
+                path: &path,
+                headers: &headers,
+            };
+            let result = self
+                .proxy
+                .ext_authz
+                .check(&e.provider, kind, &settings, &check)
+                .await;
+            if let Some(why) = &result.error {
+                tracing::warn!(target: "warden::decision", provider = %e.provider, "ext_authz call failed: {why}");
+            }
+            answers.insert(e.provider, result);
+        };
         drop(policy);
-        let decision = match decision {
+        let mut decision = match decision {
             Ok(d) => d,
             Err(e) => {
-                // CUSTOM: Warden has no ext_authz client yet. An unanswered provider is an
-                // error, and errors fail closed.
-                let why = format!("{e}; Warden has no ext_authz client yet, so it fails closed");
+                // A provider the mesh config does not describe: fail closed.
+                let why = format!("{e}; the provider is not an ext_authz provider of the mesh config, so the request fails closed");
                 self.log_http(
                     &parts.method,
                     &authority,
@@ -759,6 +804,15 @@ impl ConnCtx {
                 );
             }
             Outcome::Deny | Outcome::BadRequest => {
+                // A provider's own denial reaches the client as the provider wrote it.
+                let denial = (decision.step == Step::Custom)
+                    .then_some(decision.custom.as_ref())
+                    .flatten()
+                    .and_then(|c| answers.get(&c.provider))
+                    .and_then(|r| r.denial.clone());
+                if let Some((status, headers, body)) = denial {
+                    return done(provider_reply(status, headers, body), flags);
+                }
                 return done(
                     local_reply(
                         status_of(&decision, StatusCode::FORBIDDEN),
@@ -776,8 +830,26 @@ impl ConnCtx {
                 );
             }
         }
+        // Allowed: what CUSTOM providers asked to pass on, to the app and to the client.
+        let mut to_client = Vec::new();
+        for r in answers.values() {
+            for (n, v) in &r.upstream {
+                if let Ok(v) = v.to_str() {
+                    decision
+                        .header_edits
+                        .set
+                        .push((n.as_str().to_string(), v.to_string()));
+                }
+            }
+            to_client.extend(r.downstream.iter().cloned());
+        }
         match self.forward(parts, body, &authority, &decision).await {
-            Ok(resp) => done(resp, flags),
+            Ok(mut resp) => {
+                for (n, v) in to_client {
+                    resp.headers_mut().append(n, v);
+                }
+                done(resp, flags)
+            }
             Err((reply, more)) => done(reply, flags.union(more)),
         }
     }
@@ -945,6 +1017,20 @@ fn status_of(d: &Decision, default: StatusCode) -> StatusCode {
     d.status
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(default)
+}
+
+/// A CUSTOM provider's denial, passed to the client as it was written.
+fn provider_reply(
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    for (n, v) in headers {
+        resp.headers_mut().append(n, v);
+    }
+    resp
 }
 
 fn local_reply(

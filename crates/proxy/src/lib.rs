@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod error;
+pub mod ext_authz;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;

@@ -116,10 +116,29 @@ pub struct ProxyArgs {
     /// Where the JSON access log goes: a file (appended to) or `-` for stdout.
     #[arg(long, value_name = "PATH|-", default_value = "-")]
     access_log: String,
+    /// Where a CUSTOM ext_authz provider of the mesh config listens, when its `service` does
+    /// not resolve from here (e.g. `ext-authz.foo.svc.cluster.local` in explicit mode):
+    /// PROVIDER=IP:PORT. Repeatable.
+    #[arg(long, value_name = "PROVIDER=IP:PORT", value_parser = parse_ext_authz_addr)]
+    ext_authz_addr: Vec<(String, SocketAddr)>,
     /// How often the keys of RequestAuthentication `jwksUri`s are fetched again (istiod's
     /// PILOT_JWT_PUB_KEY_REFRESH_INTERVAL). A failed fetch keeps the keys fetched before.
     #[arg(long, value_name = "DURATION", default_value = "20m", value_parser = parse_refresh)]
     jwks_refresh: std::time::Duration,
+}
+
+fn parse_ext_authz_addr(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("\"{s}\" is not PROVIDER=IP:PORT"))?;
+    let addr: SocketAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{addr}\" is not IP:PORT (e.g. 127.0.0.1:9000)"))?;
+    if name.trim().is_empty() {
+        return Err(format!("\"{s}\" has no provider name before ="));
+    }
+    Ok((name.trim().to_string(), addr))
 }
 
 fn parse_refresh(s: &str) -> Result<std::time::Duration, String> {
@@ -455,7 +474,8 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         let proxy = Arc::new(
             InboundProxy::new(store, identity.clone(), served)
                 .with_observer(observer.clone())
-                .with_workload(ns, name),
+                .with_workload(ns, name)
+                .with_ext_authz_addrs(a.ext_authz_addr.iter().cloned().collect()),
         );
         let readiness = Readiness::new();
         let dump = Arc::new(Mutex::new(first.dump(

@@ -1003,3 +1003,235 @@ fn warden_proxy_gets_its_certificate_from_the_ca_service_with_a_bootstrap_token(
         "{body}"
     );
 }
+
+const EXT_AUTHZ_CONFIG: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    extensionProviders:
+    - name: ext-authz-http
+      envoyExtAuthzHttp:
+        service: ext-authz.foo.svc.cluster.local
+        port: 8000
+        pathPrefix: /check
+        statusOnError: "503"
+        includeRequestHeadersInCheck: ["x-ext-authz"]
+        includeAdditionalHeadersInCheck: {x-added: "yes"}
+        headersToUpstreamOnAllow: ["x-user"]
+        headersToDownstreamOnDeny: ["x-ext-authz-*"]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio-injection: enabled}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: httpbin, namespace: foo}
+spec:
+  template:
+    metadata: {labels: {app: httpbin}}
+    spec:
+      serviceAccountName: httpbin
+      containers:
+      - name: httpbin
+        ports: [{containerPort: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  selector: {app: httpbin}
+  ports:
+  - {name: http, port: 8000, targetPort: 80}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: foo}
+spec:
+  selector: {matchLabels: {app: httpbin}}
+  action: CUSTOM
+  provider: {name: ext-authz-http}
+  rules:
+  - to: [{operation: {paths: ["/api/*"]}}]
+"#;
+
+/// An ext_authz HTTP server: allows requests carrying `x-ext-authz: allow` (telling the proxy
+/// `x-user: alice`), answers 500 for paths under `/check/api/boom`, denies the rest with its
+/// own body and headers. Sends each check request's head to `seen`.
+fn ext_authz_server(seen: mpsc::Sender<String>) -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(WAIT));
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                        head.push_str(&line.to_ascii_lowercase());
+                    }
+                    let reply = if head.contains("\r\nx-ext-authz: allow\r\n") {
+                        "HTTP/1.1 200 OK\r\nx-user: alice\r\nx-other: no\r\ncontent-length: 0\r\n\r\n".to_string()
+                    } else if head.starts_with("get /check/api/boom") {
+                        "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
+                            .to_string()
+                    } else {
+                        let body = "denied by ext authz";
+                        format!("HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\nx-secret: no\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                    };
+                    let _ = seen.send(head);
+                    if w.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An HTTP/1.1 app answering 200 with the request's headers as its body.
+fn headers_app() -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(WAIT));
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}",
+                        head.len()
+                    );
+                    if w.write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 GET with extra headers: status, response head, body.
+fn get_with(addr: SocketAddr, path: &str, extra: &str) -> (u16, String, String) {
+    let mut s = connect(addr);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: httpbin.foo:8000\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {out:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn warden_proxy_asks_a_custom_http_ext_authz_provider() {
+    let tmp = TempDir::new("ext-authz");
+    let ca = tmp.0.join("ca");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "foo/httpbin",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&tmp.0.join("httpbin")),
+    ]);
+    write_atomic(&config.join("mesh.yaml"), EXT_AUTHZ_CONFIG);
+    let (tx, seen) = mpsc::channel();
+    let authz = ext_authz_server(tx);
+    let app = headers_app();
+    let mut proxy = Proxy::start(&proxy_args(
+        &config,
+        &tmp.0.join("httpbin"),
+        "foo/httpbin",
+        &[
+            "--inbound".into(),
+            format!("80=127.0.0.1:0,{app}"),
+            "--ext-authz-addr".into(),
+            format!("ext-authz-http={authz}"),
+        ],
+    ));
+    let inbound = addr_in(&proxy.wait_for("listening port=80"));
+
+    // Outside the CUSTOM rules: the provider is not asked.
+    let (status, _, _) = get_with(inbound, "/public", "");
+    assert_eq!(status, 200);
+    assert!(
+        seen.try_recv().is_err(),
+        "the provider was asked about /public"
+    );
+
+    // Allowed by the provider: its x-user reaches the app, its other headers do not.
+    let (status, _, body) = get_with(
+        inbound,
+        "/api/items?page=2",
+        "x-ext-authz: allow\r\ncookie: secret\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let body = body.to_ascii_lowercase();
+    assert!(body.contains("x-user: alice"), "{body}");
+    assert!(!body.contains("x-other"), "{body}");
+    let check = seen.recv_timeout(WAIT).unwrap();
+    assert!(
+        check.starts_with("get /check/api/items?page=2 http/1.1"),
+        "{check}"
+    );
+    assert!(check.contains("\r\nhost: httpbin.foo:8000\r\n"), "{check}");
+    assert!(check.contains("\r\nx-added: yes\r\n"), "{check}");
+    assert!(
+        !check.contains("cookie"),
+        "not in includeRequestHeadersInCheck: {check}"
+    );
+
+    // Denied by the provider: its status, body and the listed headers reach the client.
+    let (status, head, body) = get_with(inbound, "/api/items", "");
+    assert_eq!(status, 403);
+    assert_eq!(body, "denied by ext authz");
+    assert!(head.contains("x-ext-authz-check-result: denied"), "{head}");
+    assert!(!head.contains("x-secret"), "{head}");
+    seen.recv_timeout(WAIT).unwrap();
+
+    // The provider fails (5xx): statusOnError, empty body (failOpen is false).
+    let (status, _, body) = get_with(inbound, "/api/boom", "x-ext-authz: maybe\r\n");
+    assert_eq!(status, 503);
+    assert_eq!(body, "");
+    seen.recv_timeout(WAIT).unwrap();
+}

@@ -88,6 +88,8 @@ pub struct InboundProxy {
     /// again.
     generation: watch::Sender<u64>,
     client: Client<HttpConnector, ProxyBody>,
+    /// To apps on ports declared HTTP/2 (and sniffed ports whose client spoke HTTP/2): h2c.
+    h2_client: Client<HttpConnector, ProxyBody>,
     detect_timeout: Duration,
     handshake_timeout: Duration,
     header_read_timeout: Duration,
@@ -136,6 +138,9 @@ impl InboundProxy {
         // rotations.
         let tls = Arc::new(server_config(identity.clone()));
         let client = Client::builder(TokioExecutor::new()).build_http();
+        let h2_client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
         let apps = ports.iter().map(|(p, s)| (*p, s.app)).collect();
         InboundProxy {
             policy,
@@ -145,6 +150,7 @@ impl InboundProxy {
             apps,
             generation: watch::Sender::new(0),
             client,
+            h2_client,
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             header_read_timeout: HEADER_READ_TIMEOUT,
@@ -400,7 +406,7 @@ impl ConnCtx {
         let alpn_http = matches!(alpn.as_deref(), Some(ALPN_H2) | Some(ALPN_HTTP_1_1));
         let mut first = Vec::new();
         let http = match self.settings.protocol {
-            PortProtocol::Http => true,
+            PortProtocol::Http | PortProtocol::Http2 => true,
             PortProtocol::Tcp => false,
             PortProtocol::Detect if alpn_http => true,
             PortProtocol::Detect => {
@@ -875,8 +881,23 @@ impl ConnCtx {
                     ResponseFlag::DownstreamProtocolError.into(),
                 )
             })?;
+        // Istio's inbound cluster speaks HTTP/2 to the app on ports declared HTTP/2, and the
+        // client's protocol on sniffed ports; HTTP/1.1 otherwise.
+        let h2 = match self.settings.protocol {
+            PortProtocol::Http2 => true,
+            PortProtocol::Detect => parts.version == Version::HTTP_2,
+            PortProtocol::Http | PortProtocol::Tcp => false,
+        };
         let mut headers = parts.headers;
+        // gRPC needs `te: trailers` end to end; it is the one `te` HTTP/2 allows.
+        let te_trailers = h2
+            && headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut headers);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if !headers.contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(authority) {
                 headers.insert(header::HOST, v);
@@ -912,9 +933,18 @@ impl ConnCtx {
         let mut out = HttpReq::new(body);
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
-        *out.version_mut() = Version::HTTP_11;
+        *out.version_mut() = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         *out.headers_mut() = headers;
-        match self.proxy.client.request(out).await {
+        let client = if h2 {
+            &self.proxy.h2_client
+        } else {
+            &self.proxy.client
+        };
+        match client.request(out).await {
             Ok(resp) => {
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);

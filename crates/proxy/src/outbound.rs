@@ -79,6 +79,9 @@ pub enum Security {
 pub enum OutboundProtocol {
     /// HTTP/1.1 or h2c from the app, forwarded request by request over pooled connections.
     Http,
+    /// As [`OutboundProtocol::Http`] to a port declared HTTP/2 (`grpc`, `http2`, …): a
+    /// plaintext upstream is spoken to in h2c (mTLS upstreams negotiate by ALPN either way).
+    Http2,
     /// Opaque bytes, one upstream connection per app connection.
     Tcp,
 }
@@ -158,6 +161,7 @@ pub fn destination_for(
     let mode = settings.map(|s| s.mode).unwrap_or(MtlsMode::Permissive);
     let protocol = match settings.map(|s| s.protocol) {
         Some(PortProtocol::Http) => OutboundProtocol::Http,
+        Some(PortProtocol::Http2) => OutboundProtocol::Http2,
         _ => OutboundProtocol::Tcp,
     };
     if !dst.sidecar || mode == MtlsMode::Disable {
@@ -227,7 +231,7 @@ impl OutboundProxy {
                 let expected = ExpectedPeer::Exact(id.clone());
                 let config = match destination.protocol {
                     OutboundProtocol::Tcp => client_config(self.identity.clone(), expected),
-                    OutboundProtocol::Http => {
+                    OutboundProtocol::Http | OutboundProtocol::Http2 => {
                         client_config_with_alpn(self.identity.clone(), expected, HTTP_ALPN)
                     }
                 };
@@ -284,7 +288,8 @@ impl Route {
             .map_err(|source| OutboundError::Connect { addr, source })?;
         let _ = tcp.set_nodelay(true);
         let Some(tls) = &self.tls else {
-            return Ok((Box::new(tcp), false));
+            let h2c = self.destination.protocol == OutboundProtocol::Http2;
+            return Ok((Box::new(tcp), h2c));
         };
         // SVIDs carry no DNS names, so the name only decides the SNI; an IP address sends none.
         let name = self
@@ -308,7 +313,7 @@ impl Route {
     pub async fn serve_connection(self: Arc<Self>, app: TcpStream) -> Result<(), OutboundError> {
         match self.destination.protocol {
             OutboundProtocol::Tcp => self.serve_tcp(app).await,
-            OutboundProtocol::Http => {
+            OutboundProtocol::Http | OutboundProtocol::Http2 => {
                 self.serve_http(app).await;
                 Ok(())
             }

@@ -14,8 +14,13 @@ use warden_policy::simulate::declared_protocol;
 /// Which filter chain handles a port's connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PortProtocol {
-    /// HTTP/1.1 or HTTP/2 (by ALPN over TLS, by preface in plaintext).
+    /// HTTP/1.1 or HTTP/2 (by ALPN over TLS, by preface in plaintext), forwarded to the app
+    /// over HTTP/1.1.
     Http,
+    /// Declared HTTP/2 (`http2`, `grpc`, `grpc-web`, `h2c`): served like [`PortProtocol::Http`]
+    /// but forwarded to the app over HTTP/2 (h2c), as Istio's inbound cluster does, so gRPC
+    /// trailers and streams survive.
+    Http2,
     /// Opaque TCP.
     Tcp,
     /// Undeclared: HTTP when the first bytes look like an HTTP/1 request line or the HTTP/2
@@ -56,7 +61,7 @@ pub struct InboundPort {
 /// first Service port that declares a protocol for a container port wins, as in the offline
 /// simulation. UDP container ports are left out: the proxy does not handle UDP.
 pub fn port_table(cfg: &Config, wl: &Workload) -> BTreeMap<u16, PortSettings> {
-    let mut protocols: BTreeMap<u16, Option<Protocol>> = BTreeMap::new();
+    let mut protocols: BTreeMap<u16, Option<PortProtocol>> = BTreeMap::new();
     for cp in &wl.ports {
         let udp = cp
             .protocol
@@ -78,10 +83,21 @@ pub fn port_table(cfg: &Config, wl: &Workload) -> BTreeMap<u16, PortSettings> {
             if udp {
                 continue;
             }
-            let declared = declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref());
+            let declared =
+                declared_protocol(sp.name.as_deref(), sp.app_protocol.as_deref()).map(|(p, _)| {
+                    match p {
+                        Protocol::Http
+                            if declares_h2(sp.name.as_deref(), sp.app_protocol.as_deref()) =>
+                        {
+                            PortProtocol::Http2
+                        }
+                        Protocol::Http => PortProtocol::Http,
+                        Protocol::Tcp => PortProtocol::Tcp,
+                    }
+                });
             let entry = protocols.entry(target).or_insert(None);
             if entry.is_none() {
-                *entry = declared.map(|(p, _)| p);
+                *entry = declared;
             }
         }
     }
@@ -93,14 +109,28 @@ pub fn port_table(cfg: &Config, wl: &Workload) -> BTreeMap<u16, PortSettings> {
                 MtlsMode::Unset => MtlsMode::Permissive,
                 m => m,
             };
-            let protocol = match proto {
-                Some(Protocol::Http) => PortProtocol::Http,
-                Some(Protocol::Tcp) => PortProtocol::Tcp,
-                None => PortProtocol::Detect,
-            };
+            let protocol = proto.unwrap_or(PortProtocol::Detect);
             (port, PortSettings { mode, protocol })
         })
         .collect()
+}
+
+/// Whether a Service port declares an HTTP/2-only protocol, with the precedence
+/// `declared_protocol` uses: a known `appProtocol` first, else the name's prefix.
+fn declares_h2(name: Option<&str>, app_protocol: Option<&str>) -> bool {
+    let h2 = |p: &str| {
+        matches!(
+            p.to_ascii_lowercase().as_str(),
+            "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c"
+        )
+    };
+    if let Some(ap) = app_protocol {
+        if declared_protocol(None, Some(ap)).is_some() {
+            return h2(ap);
+        }
+    }
+    name.map(|n| n.split('-').next().unwrap_or(n))
+        .is_some_and(h2)
 }
 
 /// `table` with every app on loopback at its container port (`127.0.0.1:<port>`), as in a pod.

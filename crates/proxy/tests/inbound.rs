@@ -164,7 +164,8 @@ fn server_id() -> SpiffeId {
 
 // ---------------------------------------------------------------- apps
 
-/// An HTTP/1.1 app answering every request with JSON: its path and query, and its headers.
+/// An HTTP/1.1 and h2c app answering every request with JSON: its path and query, its HTTP
+/// version and its headers.
 async fn echo_http_app() -> SocketAddr {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -172,8 +173,8 @@ async fn echo_http_app() -> SocketAddr {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let svc = hyper::service::service_fn(
+                    |req: Request<hyper::body::Incoming>| async move {
                         let mut headers = serde_json::Map::new();
                         for (n, v) in req.headers() {
                             headers.insert(
@@ -186,12 +187,14 @@ async fn echo_http_app() -> SocketAddr {
                             .path_and_query()
                             .map(|p| p.as_str().to_string())
                             .unwrap_or_default();
-                        let body = serde_json::json!({"path": path, "headers": headers});
+                        let version = format!("{:?}", req.version());
+                        let body = serde_json::json!({"path": path, "version": version, "headers": headers});
                         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
                             Bytes::from(body.to_string()),
                         )))
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
             });
@@ -753,6 +756,14 @@ async fn plaintext_http2_prior_knowledge_is_served() {
             };
             let a = collect(sender.send_request(req("/h2c")).await.unwrap()).await;
             assert_eq!(a.echo()["path"], "/h2c");
+            // A port declared `http` reaches the app over HTTP/1.1; a sniffed one in the
+            // client's protocol (Istio's inbound cluster: USE_DOWNSTREAM_PROTOCOL).
+            let expected = if port == HTTP_PORT {
+                "HTTP/1.1"
+            } else {
+                "HTTP/2.0"
+            };
+            assert_eq!(a.echo()["version"], expected);
             let a = collect(sender.send_request(req("/admin")).await.unwrap()).await;
             assert_rbac_denied(&a);
         }

@@ -38,6 +38,7 @@ use warden_policy::model::MtlsMode;
 
 use crate::error::ProxyError;
 use crate::ext_authz::{CheckRequest, CheckResult, ExtAuthzClient};
+use crate::idle::{Activity, Tracked, DEFAULT_IDLE_TIMEOUT};
 use crate::observe::{
     ConnectionInfo, DecisionSummary, Observer, RequestInfo, RequestProtocol, ResponseFlag,
     ResponseFlags, TcpInfo, UNKNOWN,
@@ -93,6 +94,8 @@ pub struct InboundProxy {
     detect_timeout: Duration,
     handshake_timeout: Duration,
     header_read_timeout: Duration,
+    /// How long a downstream connection may stay without a byte either way.
+    idle_timeout: Duration,
     /// Where every request and connection is reported (metrics, access log).
     observer: Arc<Observer>,
     /// This workload's name and namespace, for the reports.
@@ -154,6 +157,7 @@ impl InboundProxy {
             detect_timeout: DEFAULT_DETECT_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             header_read_timeout: HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             observer: Arc::new(Observer::new(None)),
             workload: (UNKNOWN.to_string(), UNKNOWN.to_string()),
             ext_authz: ExtAuthzClient::default(),
@@ -194,6 +198,13 @@ impl InboundProxy {
     /// Changes how long a client may take to send an HTTP/1 request's headers.
     pub fn with_header_read_timeout(mut self, t: Duration) -> Self {
         self.header_read_timeout = t;
+        self
+    }
+
+    /// Changes how long a connection may stay idle (no byte either way) before it is closed
+    /// (default: Envoy's 1 hour).
+    pub fn with_idle_timeout(mut self, t: Duration) -> Self {
+        self.idle_timeout = t;
         self
     }
 
@@ -455,15 +466,22 @@ impl ConnCtx {
             // tells.
             _ => builder,
         };
+        let idle = ctx.proxy.idle_timeout;
         let service = hyper::service::service_fn(move |req| {
             let ctx = ctx.clone();
             async move { Ok::<_, Infallible>(ctx.handle_request(req).await) }
         });
-        if let Err(e) = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .await
-        {
-            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        let activity = Activity::new();
+        let stream = Tracked::new(stream, activity.clone());
+        tokio::select! {
+            served = builder.serve_connection(TokioIo::new(stream), service) => {
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+            }
+            _ = activity.idle_for(idle) => {
+                tracing::debug!(timeout = ?idle, "HTTP connection idle; closed");
+            }
         }
         Ok(())
     }
@@ -474,9 +492,10 @@ impl ConnCtx {
     {
         let observer = self.proxy.observer.clone();
         observer.on_tcp_open(&self.info);
-        let mut stream = Counted::new(stream);
+        let activity = Activity::new();
+        let mut stream = Counted::new(Tracked::new(stream, activity.clone()));
         let mut flags = ResponseFlags::NONE;
-        let (summary, result) = self.relay_tcp(&mut stream, &mut flags).await;
+        let (summary, result) = self.relay_tcp(&mut stream, &mut flags, &activity).await;
         observer.on_tcp_close(
             &TcpInfo {
                 conn: &self.info,
@@ -497,6 +516,7 @@ impl ConnCtx {
         &self,
         stream: &mut S,
         flags: &mut ResponseFlags,
+        activity: &Activity,
     ) -> (DecisionSummary, Result<(), ProxyError>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -528,6 +548,10 @@ impl ConnCtx {
             tokio::select! {
                 done = &mut copy => {
                     return (summary, done.map(|_| ()).map_err(ProxyError::from));
+                }
+                _ = activity.idle_for(self.proxy.idle_timeout) => {
+                    tracing::debug!(timeout = ?self.proxy.idle_timeout, "TCP connection idle; closed");
+                    return (summary, Ok(()));
                 }
                 changed = changes.changed() => {
                     if changed.is_err() {

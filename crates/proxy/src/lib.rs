@@ -7,6 +7,7 @@
 pub mod certs;
 pub mod error;
 pub mod ext_authz;
+pub mod idle;
 pub mod inbound;
 pub mod observe;
 pub mod outbound;

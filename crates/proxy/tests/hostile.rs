@@ -36,6 +36,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 const HTTP_PORT: u16 = 8080;
 /// The header read timeout the proxies in these tests use.
 const HEADER_TIMEOUT: Duration = Duration::from_millis(300);
+const IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
 
 async fn bounded<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, fut)
@@ -300,7 +301,8 @@ impl Harness {
         let store = Arc::new(ArcSwap::new(policy));
         let proxy = Arc::new(
             InboundProxy::new(store, pki.server_identity(), ports)
-                .with_header_read_timeout(HEADER_TIMEOUT),
+                .with_header_read_timeout(HEADER_TIMEOUT)
+                .with_idle_timeout(IDLE_TIMEOUT),
         );
         let l = proxy
             .bind(HTTP_PORT, (Ipv4Addr::LOCALHOST, 0).into())
@@ -467,6 +469,40 @@ async fn a_slow_client_is_closed_after_the_header_timeout() {
             "closed after {waited:?}"
         );
         assert_eq!(h.app_requests(), 0);
+        h.still_serves().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    bounded(async {
+        // HTTP/1 keep-alive connections are closed sooner, by the header timeout between
+        // requests; an HTTP/2 connection has no such timer, so the idle timeout is what ends it.
+        let h = Harness::start("").await;
+        let tcp = TcpStream::connect(h.addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::get("http://server.foo/once")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok /once");
+        let answered = tokio::time::Instant::now();
+        // Nothing more is sent: the proxy must end the connection by itself.
+        let _ = conn.await;
+        let waited = answered.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT - Duration::from_millis(50) && waited < Duration::from_secs(5),
+            "closed after {waited:?}"
+        );
         h.still_serves().await;
     })
     .await

@@ -331,11 +331,16 @@ impl Route {
     async fn serve_http(self: Arc<Self>, app: TcpStream) {
         let _ = app.set_nodelay(true);
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // The app is local, but still bounded like any client: Envoy's 60 KiB of headers.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        builder.http2().timer(TokioTimer::new());
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(crate::inbound::MAX_REQUEST_HEADERS);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(crate::inbound::MAX_REQUEST_HEADERS as u32);
         let service = hyper::service::service_fn(move |req| {
             let route = self.clone();
             async move { Ok::<_, Infallible>(route.handle_request(req).await) }

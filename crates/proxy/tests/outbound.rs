@@ -479,6 +479,32 @@ async fn http_plaintext_is_forwarded_without_tls_and_pooled() {
 }
 
 #[tokio::test]
+async fn oversized_app_headers_get_431_and_are_never_forwarded() {
+    bounded(async {
+        let pki = Pki::new();
+        let (up, seen) = http_upstream(None).await;
+        let proxy = outbound(
+            pki.identity("client"),
+            dest(up, Security::Plaintext, OutboundProtocol::Http),
+        )
+        .await;
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        let pad = "a".repeat(70 * 1024);
+        let req = format!("GET /big HTTP/1.1\r\nhost: server.foo\r\nx-pad: {pad}\r\n\r\n");
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+        assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
+        // A normal request still goes through.
+        let (status, _) = get(proxy, "/small").await;
+        assert_eq!(status, StatusCode::OK);
+    })
+    .await
+}
+
+#[tokio::test]
 async fn h2c_from_the_app_is_forwarded() {
     bounded(async {
         let pki = Pki::new();

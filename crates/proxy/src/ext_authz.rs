@@ -13,9 +13,18 @@
 //! `headersToDownstreamOnDeny` when it is set). On allow, response headers matching
 //! `headersToUpstreamOnAllow` are set on the request to the app and those matching
 //! `headersToDownstreamOnAllow` are added to the response.
+//!
+//! An `envoyExtAuthzGrpc` provider gets Envoy's `envoy.service.auth.v3.Authorization/Check`
+//! with the source and destination peers (address, SPIFFE ID) and, for HTTP, the request
+//! (method, lowercase headers merged with `,`, path, host, scheme, protocol). Status OK allows
+//! (the `ok_response` headers go to the app, `response_headers_to_add` to the client, and
+//! `headers_to_remove` are removed); any other status denies, with the `denied_response`
+//! status (403 when absent), headers and body; a transport failure or timeout is an error. On
+//! TCP ports the same call without the request is Envoy's network ext_authz.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty, Limited};
@@ -33,14 +42,28 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// A denial body is shown to the client; anything larger is cut off as an error.
 const MAX_DENY_BODY: usize = 64 * 1024;
 
-/// One request as the provider is told about it.
+/// One request (or, with `http: None`, one TCP connection) as the provider is told about it.
 pub struct CheckRequest<'a> {
+    pub http: Option<HttpCheck<'a>>,
+    pub source: SocketAddr,
+    /// The client's SPIFFE ID when it spoke mTLS.
+    pub source_principal: Option<&'a str>,
+    pub destination: SocketAddr,
+    /// This workload's SPIFFE ID when the connection is mTLS.
+    pub destination_principal: Option<&'a str>,
+    pub sni: Option<&'a str>,
+}
+
+/// The HTTP part of a [`CheckRequest`].
+pub struct HttpCheck<'a> {
     pub method: &'a str,
     pub authority: &'a str,
     /// Path and query as the filters see them (normalized).
     pub path: &'a str,
     /// Lowercase names, repeated headers as separate entries.
     pub headers: &'a [(&'a str, &'a str)],
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: &'a str,
 }
 
 /// A provider's denial: status, headers for the client, body.
@@ -54,6 +77,8 @@ pub struct CheckResult {
     pub denial: Option<Denial>,
     /// For an allow: headers to set on the request to the app.
     pub upstream: Vec<(HeaderName, HeaderValue)>,
+    /// For an allow: headers to remove from the request to the app.
+    pub remove: Vec<HeaderName>,
     /// For an allow: headers to add to the response to the client.
     pub downstream: Vec<(HeaderName, HeaderValue)>,
     /// Why the answer is an error, for the log.
@@ -66,6 +91,7 @@ impl CheckResult {
             answer: ExtAuthzAnswer::Error,
             denial: None,
             upstream: Vec::new(),
+            remove: Vec::new(),
             downstream: Vec::new(),
             error: Some(why),
         }
@@ -78,6 +104,8 @@ pub struct ExtAuthzClient {
     /// Provider name → address, overriding `service:port` (e.g. in explicit mode, where mesh
     /// hostnames do not resolve).
     addrs: BTreeMap<String, SocketAddr>,
+    /// gRPC channels by `host:port`, made on first use and kept (they reconnect by themselves).
+    channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
 }
 
 impl Default for ExtAuthzClient {
@@ -93,6 +121,22 @@ impl ExtAuthzClient {
         ExtAuthzClient {
             client: Client::builder(TokioExecutor::new()).build(connector),
             addrs,
+            channels: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Where provider `name` is dialled: `--ext-authz-addr`, else `service:port`.
+    fn authority(&self, name: &str, s: &ExtAuthzSettings) -> String {
+        match self.addrs.get(name) {
+            Some(a) => a.to_string(),
+            None => {
+                // `service` may be `namespace/host`; the host is what is dialled.
+                let host = s.service.rsplit('/').next().unwrap_or(&s.service);
+                match host.parse::<IpAddr>() {
+                    Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", s.port),
+                    _ => format!("{host}:{}", s.port),
+                }
+            }
         }
     }
 
@@ -104,27 +148,38 @@ impl ExtAuthzClient {
         s: &ExtAuthzSettings,
         req: &CheckRequest<'_>,
     ) -> CheckResult {
-        if kind == ExtAuthzKind::EnvoyExtAuthzGrpc {
-            return CheckResult::error(format!(
-                "provider \"{name}\" is envoyExtAuthzGrpc, which Warden does not speak yet"
-            ));
-        }
         let timeout = s
             .timeout
             .as_deref()
             .and_then(parse_proto_duration)
             .unwrap_or(DEFAULT_TIMEOUT);
-        let authority = match self.addrs.get(name) {
-            Some(a) => a.to_string(),
-            None => {
-                // `service` may be `namespace/host`; the host is what is dialled.
-                let host = s.service.rsplit('/').next().unwrap_or(&s.service);
-                match host.parse::<IpAddr>() {
-                    Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", s.port),
-                    _ => format!("{host}:{}", s.port),
+        let authority = self.authority(name, s);
+        match kind {
+            ExtAuthzKind::EnvoyExtAuthzGrpc => {
+                match tokio::time::timeout(timeout, self.check_grpc(&authority, req)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        CheckResult::error(format!("{authority}: no answer within {timeout:?}"))
+                    }
                 }
             }
-        };
+            ExtAuthzKind::EnvoyExtAuthzHttp => match &req.http {
+                Some(http) => self.check_http(&authority, s, http, timeout).await,
+                // The engine never asks an HTTP provider about a TCP connection.
+                None => CheckResult::error(format!(
+                    "provider \"{name}\" is envoyExtAuthzHttp, which cannot check TCP"
+                )),
+            },
+        }
+    }
+
+    async fn check_http(
+        &self,
+        authority: &str,
+        s: &ExtAuthzSettings,
+        req: &HttpCheck<'_>,
+        timeout: Duration,
+    ) -> CheckResult {
         let prefix = s.path_prefix.as_deref().unwrap_or("");
         let uri = format!("http://{authority}{prefix}{}", req.path);
         let Ok(method) = Method::from_bytes(req.method.as_bytes()) else {
@@ -199,6 +254,7 @@ impl ExtAuthzClient {
                 answer: ExtAuthzAnswer::Allow,
                 denial: None,
                 upstream: pick(&resp_headers, &s.headers_to_upstream_on_allow),
+                remove: Vec::new(),
                 downstream: pick(&resp_headers, &s.headers_to_downstream_on_allow),
                 error: None,
             };
@@ -216,6 +272,149 @@ impl ExtAuthzClient {
             answer: ExtAuthzAnswer::Deny,
             denial: Some((status, to_client, body)),
             upstream: Vec::new(),
+            remove: Vec::new(),
+            downstream: Vec::new(),
+            error: None,
+        }
+    }
+
+    async fn check_grpc(&self, authority: &str, req: &CheckRequest<'_>) -> CheckResult {
+        use crate::ext_authz_proto as pb;
+        let channel = {
+            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            match channels.get(authority) {
+                Some(c) => c.clone(),
+                None => {
+                    let Ok(endpoint) =
+                        tonic::transport::Endpoint::from_shared(format!("http://{authority}"))
+                    else {
+                        return CheckResult::error(format!("{authority} is not host:port"));
+                    };
+                    let c = endpoint.connect_lazy();
+                    channels.insert(authority.to_string(), c.clone());
+                    c
+                }
+            }
+        };
+        let peer = |addr: SocketAddr, principal: Option<&str>| pb::attribute_context::Peer {
+            address: Some(pb::Address {
+                socket_address: Some(pb::SocketAddress {
+                    address: addr.ip().to_string(),
+                    port_value: u32::from(addr.port()),
+                }),
+            }),
+            principal: principal.unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        let http = req.http.as_ref().map(|h| {
+            let mut headers: BTreeMap<String, String> = BTreeMap::new();
+            for (n, v) in h.headers {
+                headers
+                    .entry((*n).to_string())
+                    .and_modify(|e| {
+                        e.push(',');
+                        e.push_str(v);
+                    })
+                    .or_insert_with(|| (*v).to_string());
+            }
+            headers.insert(":authority".into(), h.authority.to_string());
+            headers.insert(":method".into(), h.method.to_string());
+            headers.insert(":path".into(), h.path.to_string());
+            pb::attribute_context::HttpRequest {
+                method: h.method.to_string(),
+                headers: headers.into_iter().collect(),
+                path: h.path.to_string(),
+                host: h.authority.to_string(),
+                scheme: "http".into(),
+                size: -1,
+                protocol: h.protocol.to_string(),
+                ..Default::default()
+            }
+        });
+        let check = pb::CheckRequest {
+            attributes: Some(pb::AttributeContext {
+                source: Some(peer(req.source, req.source_principal)),
+                destination: Some(peer(req.destination, req.destination_principal)),
+                request: http.map(|h| pb::attribute_context::Request { http: Some(h) }),
+                tls_session: req.sni.map(|sni| pb::attribute_context::TlsSession {
+                    sni: sni.to_string(),
+                }),
+                ..Default::default()
+            }),
+        };
+        let mut client = pb::authorization_client::AuthorizationClient::new(channel);
+        let resp = match client.check(check).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                return CheckResult::error(format!(
+                    "{authority}: the Check call failed: {}",
+                    status.message()
+                ))
+            }
+        };
+        let code = resp.status.as_ref().map(|s| s.code).unwrap_or(0);
+        let options = |opts: &[pb::HeaderValueOption]| -> Vec<(HeaderName, HeaderValue)> {
+            opts.iter()
+                .filter_map(|o| o.header.as_ref())
+                .filter_map(|h| {
+                    let value = if h.raw_value.is_empty() {
+                        HeaderValue::from_str(&h.value).ok()
+                    } else {
+                        HeaderValue::from_bytes(&h.raw_value).ok()
+                    };
+                    Some((
+                        HeaderName::from_bytes(h.key.to_ascii_lowercase().as_bytes()).ok()?,
+                        value?,
+                    ))
+                })
+                .filter(|(n, _)| !is_framing(n.as_str()))
+                .collect()
+        };
+        if code == 0 {
+            let ok = match resp.http_response {
+                Some(pb::check_response::HttpResponse::OkResponse(ok)) => Some(ok),
+                _ => None,
+            };
+            return CheckResult {
+                answer: ExtAuthzAnswer::Allow,
+                denial: None,
+                upstream: ok.as_ref().map(|o| options(&o.headers)).unwrap_or_default(),
+                remove: ok
+                    .as_ref()
+                    .map(|o| {
+                        o.headers_to_remove
+                            .iter()
+                            .filter_map(|n| {
+                                HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).ok()
+                            })
+                            // Envoy refuses to remove what would make the request malformed.
+                            .filter(|n| n != hyper::header::HOST)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                downstream: ok
+                    .as_ref()
+                    .map(|o| options(&o.response_headers_to_add))
+                    .unwrap_or_default(),
+                error: None,
+            };
+        }
+        let (status, headers, body) = match resp.http_response {
+            Some(pb::check_response::HttpResponse::DeniedResponse(d)) => (
+                d.status
+                    .and_then(|s| u16::try_from(s.code).ok())
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .unwrap_or(StatusCode::FORBIDDEN),
+                options(&d.headers),
+                Bytes::from(d.body),
+            ),
+            _ => (StatusCode::FORBIDDEN, Vec::new(), Bytes::new()),
+        };
+        CheckResult {
+            answer: ExtAuthzAnswer::Deny,
+            denial: Some((status, headers, body)),
+            upstream: Vec::new(),
+            remove: Vec::new(),
             downstream: Vec::new(),
             error: None,
         }

@@ -32,12 +32,12 @@ use tokio_rustls::TlsAcceptor;
 use warden_identity::tls::{peer_spiffe_id, server_config, IdentityState, ALPN_H2, ALPN_HTTP_1_1};
 use warden_policy::authz::Protocol;
 use warden_policy::engine::{
-    Decision, HttpRequest, Outcome, Request, Step, WorkloadPolicy, RBAC_DENIED_BODY,
+    Decision, ExtAuthzAnswer, HttpRequest, Outcome, Request, Step, WorkloadPolicy, RBAC_DENIED_BODY,
 };
 use warden_policy::model::MtlsMode;
 
 use crate::error::ProxyError;
-use crate::ext_authz::{CheckRequest, CheckResult, ExtAuthzClient};
+use crate::ext_authz::{CheckRequest, CheckResult, ExtAuthzClient, HttpCheck};
 use crate::idle::{Activity, Tracked, DEFAULT_IDLE_TIMEOUT};
 use crate::observe::{
     ConnectionInfo, DecisionSummary, Observer, RequestInfo, RequestProtocol, ResponseFlag,
@@ -525,7 +525,8 @@ impl ConnCtx {
         // no change can slip between the decision and the watch.
         let mut changes = self.proxy.generation.subscribe();
         changes.borrow_and_update();
-        let (allowed, summary) = self.decide_tcp(false);
+        let mut answers = BTreeMap::new();
+        let (allowed, summary) = self.decide_tcp(false, &mut answers).await;
         if !allowed {
             return (summary, Ok(()));
         }
@@ -560,7 +561,7 @@ impl ConnCtx {
                         return (summary, done.map(|_| ()).map_err(ProxyError::from));
                     }
                     changes.borrow_and_update();
-                    let (allowed, again) = self.decide_tcp(true);
+                    let (allowed, again) = self.decide_tcp(true, &mut answers).await;
                     if !allowed {
                         // Dropping both streams closes them.
                         return (again, Ok(()));
@@ -573,7 +574,11 @@ impl ConnCtx {
     /// Decides this TCP connection against the current configuration and logs the decision;
     /// true when it may (still) pass. `recheck` marks a decision taken again for an open
     /// connection after a configuration change.
-    fn decide_tcp(&self, recheck: bool) -> (bool, DecisionSummary) {
+    async fn decide_tcp(
+        &self,
+        recheck: bool,
+        answers: &mut BTreeMap<String, ExtAuthzAnswer>,
+    ) -> (bool, DecisionSummary) {
         let event = if recheck {
             "tcp connection re-checked"
         } else {
@@ -590,7 +595,6 @@ impl ConnCtx {
                 return (false, DecisionSummary::local(Outcome::Reset.as_str(), why));
             }
         }
-        let policy = self.proxy.policy.load();
         let req = Request {
             source_ip: Some(self.source.ip()),
             destination_ip: Some(self.local.ip()),
@@ -599,8 +603,43 @@ impl ConnCtx {
             peer: self.peer.as_ref().map(|p| p.id.as_str()),
             http: None,
         };
-        let decision = policy.evaluate(&req, Protocol::Tcp, now_unix(), &mut |_, _| None);
-        drop(policy);
+        // Network ext_authz (gRPC providers): asked once per connection and provider; a
+        // re-check reuses the answer, as Envoy's network filter checks only at connect.
+        let decision = loop {
+            let policy = self.proxy.policy.load_full();
+            let r = policy.evaluate(&req, Protocol::Tcp, now_unix(), &mut |p, _| {
+                answers.get(p).copied()
+            });
+            let e = match r {
+                Err(e) if !answers.contains_key(&e.provider) => e,
+                other => break other,
+            };
+            let Some((kind, settings)) = policy
+                .ext_authz_provider(&e.provider)
+                .map(|(k, s)| (k, s.clone()))
+            else {
+                break Err(e);
+            };
+            drop(policy);
+            let own_id = self.proxy.own_id();
+            let check = CheckRequest {
+                http: None,
+                source: self.source,
+                source_principal: self.peer.as_ref().map(|p| p.id.as_str()),
+                destination: self.local,
+                destination_principal: self.peer.as_ref().map(|_| own_id.as_str()),
+                sni: self.sni.as_deref(),
+            };
+            let result = self
+                .proxy
+                .ext_authz
+                .check(&e.provider, kind, &settings, &check)
+                .await;
+            if let Some(why) = &result.error {
+                tracing::warn!(target: "warden::decision", provider = %e.provider, "ext_authz call failed: {why}");
+            }
+            answers.insert(e.provider, result.answer);
+        };
         match &decision {
             Ok(d) => {
                 let allowed = d.outcome == Outcome::Allow;
@@ -616,7 +655,7 @@ impl ConnCtx {
                 (allowed, DecisionSummary::from(d))
             }
             Err(e) => {
-                let why = format!("{e}; Warden does not speak envoyExtAuthzGrpc (network ext_authz) yet, so the connection fails closed");
+                let why = format!("{e}; the provider is not an ext_authz provider of the mesh config, so the connection fails closed");
                 self.log_tcp(event, Outcome::Reset.as_str(), Some(e.rule.clone()), &why);
                 (false, DecisionSummary::local(Outcome::Reset.as_str(), why))
             }
@@ -758,11 +797,24 @@ impl ConnCtx {
             let path = policy
                 .filter_target(target)
                 .unwrap_or_else(|| target.to_string());
+            let own_id = self.proxy.own_id();
             let check = CheckRequest {
-                method: parts.method.as_str(),
-                authority: &authority,
-                path: &path,
-                headers: &headers,
+                http: Some(HttpCheck {
+                    method: parts.method.as_str(),
+                    authority: &authority,
+                    path: &path,
+                    headers: &headers,
+                    protocol: if parts.version == Version::HTTP_2 {
+                        "HTTP/2"
+                    } else {
+                        "HTTP/1.1"
+                    },
+                }),
+                source: self.source,
+                source_principal: self.peer.as_ref().map(|p| p.id.as_str()),
+                destination: self.local,
+                destination_principal: self.peer.as_ref().map(|_| own_id.as_str()),
+                sni: self.sni.as_deref(),
             };
             let result = self
                 .proxy
@@ -863,6 +915,10 @@ impl ConnCtx {
         // Allowed: what CUSTOM providers asked to pass on, to the app and to the client.
         let mut to_client = Vec::new();
         for r in answers.values() {
+            decision
+                .header_edits
+                .remove
+                .extend(r.remove.iter().map(|n| n.as_str().to_string()));
             for (n, v) in &r.upstream {
                 if let Ok(v) = v.to_str() {
                     decision

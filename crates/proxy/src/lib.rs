@@ -8,6 +8,11 @@ pub mod certs;
 pub mod error;
 pub mod ext_authz;
 pub mod idle;
+/// Envoy's ext_authz gRPC API (`envoy.service.auth.v3`), generated from `proto/ext_authz.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod ext_authz_proto {
+    tonic::include_proto!("envoy.service.auth.v3");
+}
 pub mod inbound;
 pub mod observe;
 pub mod outbound;

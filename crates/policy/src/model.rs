@@ -400,6 +400,10 @@ pub struct ServiceSpec {
     pub selector: Option<Labels>,
     #[serde(default)]
     pub ports: Vec<ServicePort>,
+    /// The Service's virtual IP (`None` for headless Services); transparent outbound capture
+    /// recognises connections to it.
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]

@@ -102,6 +102,8 @@ pub struct InboundProxy {
     workload: (String, String),
     /// Asks CUSTOM providers.
     ext_authz: ExtAuthzClient,
+    /// Source address of connections to the app (see [`InboundProxy::with_upstream_bind`]).
+    upstream_bind: Option<std::net::IpAddr>,
 }
 
 /// What is known about one downstream connection.
@@ -161,6 +163,7 @@ impl InboundProxy {
             observer: Arc::new(Observer::new(None)),
             workload: (UNKNOWN.to_string(), UNKNOWN.to_string()),
             ext_authz: ExtAuthzClient::default(),
+            upstream_bind: None,
         }
     }
 
@@ -168,6 +171,20 @@ impl InboundProxy {
     /// (mesh hostnames do not resolve in explicit mode).
     pub fn with_ext_authz_addrs(mut self, addrs: BTreeMap<String, SocketAddr>) -> Self {
         self.ext_authz = ExtAuthzClient::new(addrs);
+        self
+    }
+
+    /// Connects to the app from `ip` (port chosen by the kernel). Transparent capture needs
+    /// it: Istio's iptables rules let connections from 127.0.0.6 to the pod IP through
+    /// instead of capturing them again.
+    pub fn with_upstream_bind(mut self, ip: std::net::IpAddr) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(ip));
+        self.client = Client::builder(TokioExecutor::new()).build(connector.clone());
+        self.h2_client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(connector);
+        self.upstream_bind = Some(ip);
         self
     }
 
@@ -531,7 +548,8 @@ impl ConnCtx {
             return (summary, Ok(()));
         }
         let app = self.settings.app;
-        let mut upstream = match timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(app)).await {
+        let connect = connect_from(self.proxy.upstream_bind, app);
+        let mut upstream = match timeout(UPSTREAM_CONNECT_TIMEOUT, connect).await {
             Ok(Ok(u)) => u,
             Ok(Err(source)) => {
                 *flags = flags.with(ResponseFlag::UpstreamConnectionFailure);
@@ -1112,6 +1130,23 @@ impl InboundListener {
             }
         }
     }
+}
+
+/// Connects to `addr`, from `bind` when given.
+async fn connect_from(
+    bind: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = bind else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
 }
 
 /// Why a connection may not use a port in `mode`, if it may not.

@@ -4,6 +4,7 @@
 //! [`warden_policy::engine::WorkloadPolicy::evaluate`], the function `warden check` uses too.
 #![forbid(unsafe_code)]
 
+pub mod capture;
 pub mod certs;
 pub mod error;
 pub mod ext_authz;

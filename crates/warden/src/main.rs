@@ -12,6 +12,7 @@ mod ca_cmd;
 mod check;
 mod describe;
 mod input;
+mod iptables_cmd;
 mod jwks_fetch;
 mod proxy_cmd;
 mod proxy_identity;
@@ -73,9 +74,9 @@ enum Command {
     /// Certificates: inspect.
     #[command(subcommand)]
     Cert(ca_cmd::CertCommand),
-    /// Run the proxy for one workload, inbound and outbound (explicit mode, loopback) until Ctrl-C.
+    /// Run the proxy for one workload, inbound and outbound (explicit or transparent capture) until Ctrl-C.
     #[command(long_about = proxy_cmd::LONG_ABOUT)]
-    Proxy(proxy_cmd::ProxyArgs),
+    Proxy(Box<proxy_cmd::ProxyCommand>),
 }
 
 #[derive(Args)]
@@ -145,7 +146,7 @@ fn main() -> ExitCode {
         Command::Describe(a) => describe::run(a, cli.verbose),
         Command::Ca(c) => ca_cmd::run_ca(c),
         Command::Cert(c) => ca_cmd::run_cert(c),
-        Command::Proxy(a) => proxy_cmd::run(a, cli.verbose),
+        Command::Proxy(a) => proxy_cmd::run_command(a, cli.verbose),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,7 @@
-//! `warden proxy`: the sidecar for one workload in explicit mode, inbound (`--inbound`) and
-//! outbound (`--outbound`, routes derived from the configuration with Istio's auto mTLS).
+//! `warden proxy`: the sidecar for one workload, in explicit mode, inbound (`--inbound`) and
+//! outbound (`--outbound`, routes derived from the configuration with Istio's auto mTLS), or in
+//! transparent mode (`--capture transparent`, iptables REDIRECT to the capture listeners of
+//! `warden_proxy::capture`).
 //! Checks every flag, the certificate files and the configuration before anything listens
 //! (exit 2), then serves until Ctrl-C or SIGTERM, applying configuration and certificate
 //! changes from the files as they happen (outbound routes included). Logs go to stderr, one
@@ -16,10 +18,13 @@ use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context, Result};
 use arc_swap::ArcSwap;
-use clap::Args;
+use clap::{Args, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use warden_identity::spiffe::SpiffeId;
 use warden_policy::config::Config;
+use warden_proxy::capture::{
+    InboundCapture, OutboundCapture, OutboundTable, UnknownDestination, INBOUND_UPSTREAM_BIND,
+};
 use warden_proxy::certs::{certs_dump, CertFiles};
 use warden_proxy::observe::{
     AccessLog, AdminHandlers, AdminServer, LogLevel, LogLevelControl, Observer, Readiness,
@@ -35,8 +40,9 @@ use crate::proxy_identity::IdentitySource;
 use warden_proxy::InboundProxy;
 
 /// `warden proxy --help`: what the command does, beyond each flag.
-pub const LONG_ABOUT: &str = "Run Warden's proxy beside one workload (explicit mode: listeners on \
-loopback addresses you choose, no iptables).\n\n\
+pub const LONG_ABOUT: &str = "Run Warden's proxy beside one workload: explicit mode (the \
+default; listeners on loopback addresses you choose, no iptables) or transparent mode \
+(--capture transparent; iptables REDIRECT, as Istio's sidecars).\n\n\
 For each --inbound PORT=LISTEN_ADDR[,APP_ADDR], connections to LISTEN_ADDR are treated as \
 connections to the workload's container port PORT: mTLS or plaintext by the port's \
 PeerAuthentication mode, HTTP or TCP by its Service port, authorized by the workload's \
@@ -63,7 +69,56 @@ Log lines on stderr include `listening`, `outbound listening`, `admin listening`
 log (one line per request or TCP connection) goes to --access-log. With --admin, a loopback \
 address serves /ready, /config_dump, /certs, /stats/prometheus and /logging (GET shows the \
 log level, POST /logging?level=debug changes it).\n\n\
-Example:\n  warden proxy -f config/ --workload foo/server \\\n    --inbound 9000=127.0.0.1:15006,127.0.0.1:9000 \\\n    --cert certs/cert-chain.pem --key certs/key.pem --roots certs/root-cert.pem";
+Transparent mode (--capture transparent --pod-ip IP): `warden proxy iptables --apply` (root, \
+in the pod's network namespace) redirects the pod's TCP traffic; the proxy runs as \
+--proxy-uid (default 1337), whose own traffic the rules exclude. Every inbound connection \
+arrives at --inbound-capture (default 0.0.0.0:15006) and is served as a connection to the \
+container port it was addressed to (read back with SO_ORIGINAL_DST), then forwarded to \
+POD_IP:PORT from 127.0.0.6; a port the workload does not have is closed. Every outbound \
+connection of the app arrives at --outbound-capture (default 127.0.0.1:15001): one to a \
+Service's clusterIP:port is routed with auto mTLS to the workloads it selects (a \
+WorkloadEntry's address, else the cluster IP); any other destination is passed through as \
+plain TCP, or closed when the mesh's outboundTrafficPolicy.mode is REGISTRY_ONLY. Log lines: \
+`inbound capture listening`, `outbound capture listening`, `inbound connection closed`, \
+`outbound connection closed`.\n\n\
+Examples:\n  warden proxy -f config/ --workload foo/server \\\n    --inbound 9000=127.0.0.1:15006,127.0.0.1:9000 \\\n    --cert certs/cert-chain.pem --key certs/key.pem --roots certs/root-cert.pem\n  \
+warden proxy iptables --apply && setpriv --reuid=1337 --regid=1337 --clear-groups -- \\\n    warden proxy -f config/ --workload foo/server --capture transparent --pod-ip 10.0.0.5 \\\n    --cert certs/cert-chain.pem --key certs/key.pem --roots certs/root-cert.pem";
+
+/// `warden proxy`: run the proxy, or one of its helper subcommands.
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ProxyCommand {
+    #[command(subcommand)]
+    sub: Option<ProxySub>,
+    #[command(flatten)]
+    run: Option<ProxyArgs>,
+}
+
+#[derive(Subcommand)]
+enum ProxySub {
+    /// Print (or --apply) the iptables rules for transparent capture.
+    #[command(long_about = crate::iptables_cmd::LONG_ABOUT)]
+    Iptables(crate::iptables_cmd::IptablesArgs),
+}
+
+/// How connections reach the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Capture {
+    /// Loopback listeners the app and its peers are configured to use (--inbound, --outbound).
+    Explicit,
+    /// iptables REDIRECT to --inbound-capture and --outbound-capture (see `warden proxy iptables`).
+    Transparent,
+}
+
+pub fn run_command(c: &ProxyCommand, verbose: bool) -> Result<ExitCode> {
+    match (&c.sub, &c.run) {
+        (Some(ProxySub::Iptables(a)), _) => crate::iptables_cmd::run(a),
+        (None, Some(a)) => run(a, verbose),
+        (None, None) => bail!(
+            "warden proxy needs -f, --workload, --roots, and --cert with --key or --ca-addr (see warden proxy --help)"
+        ),
+    }
+}
 
 #[derive(Args)]
 pub struct ProxyArgs {
@@ -78,7 +133,7 @@ pub struct ProxyArgs {
     workload: (String, String),
     /// A served port: container PORT, the loopback address to listen on, and where the app
     /// listens (default 127.0.0.1:PORT). Repeatable.
-    #[arg(long, value_name = "PORT=LISTEN_ADDR[,APP_ADDR]", value_parser = parse_inbound, required_unless_present = "outbound")]
+    #[arg(long, value_name = "PORT=LISTEN_ADDR[,APP_ADDR]", value_parser = parse_inbound)]
     inbound: Vec<Inbound>,
     /// A destination the app reaches through a loopback listener: LISTEN_ADDR, the Service
     /// port it stands for, and where the destination's inbound listener is. Repeatable.
@@ -125,6 +180,25 @@ pub struct ProxyArgs {
     /// PILOT_JWT_PUB_KEY_REFRESH_INTERVAL). A failed fetch keeps the keys fetched before.
     #[arg(long, value_name = "DURATION", default_value = "20m", value_parser = parse_refresh)]
     jwks_refresh: std::time::Duration,
+    /// explicit: loopback listeners from --inbound/--outbound. transparent: every workload
+    /// port through --inbound-capture, the app's outbound TCP through --outbound-capture
+    /// (iptables from `warden proxy iptables`).
+    #[arg(long, value_enum, default_value = "explicit")]
+    capture: Capture,
+    /// Transparent mode: where redirected inbound connections arrive [default: 0.0.0.0:15006].
+    #[arg(long, value_name = "ADDR")]
+    inbound_capture: Option<SocketAddr>,
+    /// Transparent mode: where redirected outbound connections arrive [default: 127.0.0.1:15001].
+    #[arg(long, value_name = "ADDR")]
+    outbound_capture: Option<SocketAddr>,
+    /// Transparent mode: the pod's IP; allowed inbound traffic goes to POD_IP:PORT from
+    /// 127.0.0.6 (Istio ≥ 1.10), so apps bound to the pod IP only are reached.
+    #[arg(long, value_name = "IP")]
+    pod_ip: Option<std::net::IpAddr>,
+    /// Transparent mode: the uid the iptables rules exclude; the proxy refuses to start as any
+    /// other uid, since its own connections would be captured again and loop.
+    #[arg(long, value_name = "UID", default_value_t = 1337)]
+    proxy_uid: u32,
 }
 
 fn parse_ext_authz_addr(s: &str) -> Result<(String, SocketAddr), String> {
@@ -145,6 +219,79 @@ fn parse_refresh(s: &str) -> Result<std::time::Duration, String> {
     jwks_fetch::parse_go_duration(s)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("\"{s}\" is not a duration such as 30s, 20m or 1h"))
+}
+
+/// What transparent mode needs, once the flags are checked.
+struct Transparent {
+    inbound: SocketAddr,
+    outbound: SocketAddr,
+    pod_ip: std::net::IpAddr,
+}
+
+/// The second validation stage for the capture flags: which mode, and nothing of the other.
+fn check_capture(a: &ProxyArgs) -> Result<Option<Transparent>> {
+    match a.capture {
+        Capture::Explicit => {
+            for (given, flag) in [
+                (a.inbound_capture.is_some(), "--inbound-capture"),
+                (a.outbound_capture.is_some(), "--outbound-capture"),
+                (a.pod_ip.is_some(), "--pod-ip"),
+            ] {
+                if given {
+                    bail!("{flag} is for transparent mode; add --capture transparent (or drop it)");
+                }
+            }
+            if a.inbound.is_empty() && a.outbound.is_empty() {
+                bail!("explicit mode needs at least one --inbound or --outbound (or use --capture transparent)");
+            }
+            Ok(None)
+        }
+        Capture::Transparent => {
+            if !a.inbound.is_empty() || !a.outbound.is_empty() {
+                bail!("--inbound and --outbound are explicit-mode listeners; in transparent mode every workload port is served through --inbound-capture and outbound traffic through --outbound-capture");
+            }
+            let Some(pod_ip) = a.pod_ip else {
+                bail!("transparent mode needs --pod-ip (the pod's IP address, where allowed inbound traffic is forwarded)");
+            };
+            if !pod_ip.is_ipv4() || pod_ip.is_loopback() || pod_ip.is_unspecified() {
+                bail!("--pod-ip {pod_ip}: expected the pod's own IPv4 address (transparent capture is IPv4 only)");
+            }
+            let inbound = a
+                .inbound_capture
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 15006)));
+            let outbound = a
+                .outbound_capture
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15001)));
+            if inbound.port() == 0 || outbound.port() == 0 {
+                bail!("--inbound-capture and --outbound-capture need fixed ports: the iptables rules redirect to them");
+            }
+            if inbound.port() == outbound.port() {
+                bail!(
+                    "--inbound-capture and --outbound-capture use the same port {}",
+                    inbound.port()
+                );
+            }
+            if let Some(uid) = own_uid() {
+                if uid != a.proxy_uid {
+                    bail!(
+                        "transparent mode runs as uid {} (--proxy-uid, the uid the iptables rules exclude), but this process runs as uid {uid}; its own connections would be captured again",
+                        a.proxy_uid
+                    );
+                }
+            }
+            Ok(Some(Transparent {
+                inbound,
+                outbound,
+                pod_ip,
+            }))
+        }
+    }
+}
+
+/// This process's uid, from the owner of /proc/self (no libc call needed).
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
 fn parse_admin(s: &str) -> Result<SocketAddr, String> {
@@ -375,8 +522,9 @@ fn parse_inbound(s: &str) -> Result<Inbound, String> {
     Ok(Inbound { port, listen, app })
 }
 
-pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
+fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
     // Everything that can be wrong with the command line is found before anything listens.
+    let transparent = check_capture(a)?;
     let mut ports = BTreeSet::new();
     let mut listens = BTreeSet::new();
     for i in &a.inbound {
@@ -429,6 +577,12 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
     .map_err(|e| anyhow!("workload {ns}/{name}: {e}"))?;
     let prepared = identity_source.prepare(&own_id)?;
     let mut served = BTreeMap::new();
+    if let Some(t) = &transparent {
+        // Every workload port, forwarded to the pod IP as Istio ≥ 1.10 does.
+        for (port, settings) in &first.ports {
+            served.insert(*port, settings.with_app(SocketAddr::new(t.pod_ip, *port)));
+        }
+    }
     for i in &a.inbound {
         let Some(settings) = first.ports.get(&i.port) else {
             let known: Vec<String> = first.ports.keys().map(u16::to_string).collect();
@@ -471,12 +625,14 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
     rt.block_on(async move {
         let identity = prepared.start().await;
         let store = Arc::new(ArcSwap::new(first.policy.clone()));
-        let proxy = Arc::new(
-            InboundProxy::new(store, identity.clone(), served)
-                .with_observer(observer.clone())
-                .with_workload(ns, name)
-                .with_ext_authz_addrs(a.ext_authz_addr.iter().cloned().collect()),
-        );
+        let mut inbound = InboundProxy::new(store, identity.clone(), served)
+            .with_observer(observer.clone())
+            .with_workload(ns, name)
+            .with_ext_authz_addrs(a.ext_authz_addr.iter().cloned().collect());
+        if transparent.is_some() {
+            inbound = inbound.with_upstream_bind(INBOUND_UPSTREAM_BIND);
+        }
+        let proxy = Arc::new(inbound);
         let readiness = Readiness::new();
         let dump = Arc::new(Mutex::new(first.dump(
             ns,
@@ -552,8 +708,40 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             let route = Arc::new(ArcSwap::from_pointee(outbound.route(d)));
             routes.push((o.clone(), route.clone(), listener));
         }
-        for port in first.ports.keys().filter(|p| !ports.contains(p)) {
-            tracing::info!(target: "warden::proxy", port, "not served (no --inbound for it)");
+        let mut captures = None;
+        if let Some(t) = &transparent {
+            let (table, notes) = OutboundTable::from_config(&first.config, &outbound);
+            for n in &notes {
+                tracing::warn!(target: "warden::proxy", "outbound capture: {n}");
+            }
+            let unknown = table.unknown();
+            let services = table.len();
+            let table = Arc::new(ArcSwap::from_pointee(table));
+            let inbound_capture = InboundCapture::bind(proxy.clone(), t.inbound).await?;
+            let served: Vec<String> = proxy.ports().keys().map(u16::to_string).collect();
+            tracing::info!(
+                target: "warden::proxy",
+                addr = %inbound_capture.local_addr()?,
+                ports = %served.join(","),
+                app = %t.pod_ip,
+                "inbound capture listening"
+            );
+            let outbound_capture = OutboundCapture::bind(table.clone(), t.outbound).await?;
+            tracing::info!(
+                target: "warden::proxy",
+                addr = %outbound_capture.local_addr()?,
+                services,
+                unknown = match unknown {
+                    UnknownDestination::Passthrough => "passthrough",
+                    UnknownDestination::BlackHole => "blackhole",
+                },
+                "outbound capture listening"
+            );
+            captures = Some((inbound_capture, outbound_capture, table));
+        } else {
+            for port in first.ports.keys().filter(|p| !ports.contains(p)) {
+                tracing::info!(target: "warden::proxy", port, "not served (no --inbound for it)");
+            }
         }
         // Configuration and certificate are loaded and every listener is bound.
         readiness.set_ready(true);
@@ -569,6 +757,12 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         if let Some(server) = admin {
             tokio::spawn(server.run());
         }
+        let mut capture_table = None;
+        if let Some((i, o, table)) = captures {
+            tokio::spawn(i.run());
+            tokio::spawn(o.run());
+            capture_table = Some(table);
+        }
         let mut outbound_routes = Vec::new();
         for (o, route, listener) in routes {
             tokio::spawn(serve_outbound(listener, route.clone()));
@@ -582,6 +776,13 @@ pub fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
                     *d = c.dump(&wns, &wname, follower.generation(), SystemTime::now());
                 }
                 update_routes(&outbound, &outbound_routes, &c.config);
+                if let Some(table) = &capture_table {
+                    let (t, notes) = OutboundTable::from_config(&c.config, &outbound);
+                    for n in &notes {
+                        tracing::warn!(target: "warden::proxy", "outbound capture: {n}");
+                    }
+                    table.store(Arc::new(t));
+                }
             }
         }));
         shutdown_signal().await;

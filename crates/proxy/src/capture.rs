@@ -16,11 +16,18 @@ use arc_swap::ArcSwap;
 use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
-use warden_policy::config::Config;
+use warden_policy::authz::Protocol;
+use warden_policy::config::{Config, Workload};
+use warden_policy::model::MtlsMode;
+use warden_policy::simulate::declared_protocol;
 
 use crate::error::ProxyError;
 use crate::inbound::InboundProxy;
-use crate::outbound::{destination_for, log_failure, Destination, OutboundProxy, Route, Security};
+use crate::outbound::{
+    destination_for, istio_sni, log_failure, Destination, OutboundProtocol, OutboundProxy, Route,
+    Security,
+};
+use crate::ports::port_table;
 
 /// Istio's inbound capture port.
 pub const DEFAULT_INBOUND_CAPTURE_PORT: u16 = 15006;
@@ -172,8 +179,8 @@ pub enum Target {
     Refused(String),
 }
 
-/// Original destinations (Service cluster IP and port) and their routes, rebuilt from each
-/// configuration.
+/// Original destinations (Service cluster IPs and ServiceEntry addresses, with a port) and
+/// their routes, rebuilt from each configuration.
 pub struct OutboundTable {
     entries: HashMap<SocketAddr, Target>,
     unknown: UnknownDestination,
@@ -183,8 +190,11 @@ impl OutboundTable {
     /// The table for `cfg`: every Service with a `clusterIP`, each of its TCP ports routed with
     /// auto mTLS to the workloads it selects (see [`destination_for`]). The upstream is the
     /// first selected workload with an address (a WorkloadEntry) at its target port, else the
-    /// cluster IP itself (kube-proxy's job). Also the messages worth logging (unusable
-    /// entries).
+    /// cluster IP itself (kube-proxy's job). Then every ServiceEntry `addresses` IP: with a
+    /// `workloadSelector`, routed the same way to the workloads it selects; without one (an
+    /// external service), plain TCP to the address, so `REGISTRY_ONLY` lets it through. A
+    /// Service wins over a ServiceEntry claiming the same address and port. Also the messages
+    /// worth logging (unusable entries).
     pub fn from_config(cfg: &Config, outbound: &OutboundProxy) -> (Self, Vec<String>) {
         let mut entries = HashMap::new();
         let mut notes = Vec::new();
@@ -234,6 +244,85 @@ impl OutboundTable {
                     }
                 };
                 entries.insert(vip_port, target);
+            }
+        }
+        for se in &cfg.service_entries {
+            let mut ips = Vec::new();
+            for a in &se.spec.addresses {
+                let a = a.trim();
+                let host = a
+                    .strip_suffix("/32")
+                    .or_else(|| a.strip_suffix("/128"))
+                    .unwrap_or(a);
+                match host.parse::<IpAddr>() {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => notes.push(format!(
+                        "ServiceEntry {}/{}: address \"{a}\" is not a single IP address; not routed",
+                        se.namespace(),
+                        se.name()
+                    )),
+                }
+            }
+            if ips.is_empty() {
+                continue;
+            }
+            let selector = se
+                .spec
+                .workload_selector
+                .as_ref()
+                .map(|s| &s.labels)
+                .filter(|l| !l.is_empty());
+            let selected: Vec<&Workload> = match selector {
+                Some(labels) => cfg
+                    .workloads
+                    .iter()
+                    .filter(|w| {
+                        w.namespace == se.namespace()
+                            && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            for sp in &se.spec.ports {
+                let Some(port) = u16::try_from(sp.number).ok().filter(|p| *p != 0) else {
+                    continue;
+                };
+                let protocol = match declared_protocol(None, Some(&sp.protocol))
+                    .or_else(|| declared_protocol(Some(&sp.name), None))
+                {
+                    Some((Protocol::Http, _)) => OutboundProtocol::Http,
+                    _ => OutboundProtocol::Tcp,
+                };
+                for ip in &ips {
+                    let vip = SocketAddr::new(*ip, port);
+                    if entries.contains_key(&vip) {
+                        continue;
+                    }
+                    let target = if selector.is_none() {
+                        Ok(Destination {
+                            upstream: vip,
+                            security: Security::Plaintext,
+                            protocol,
+                            sni: None,
+                        })
+                    } else {
+                        let sni = se.spec.hosts.first().map(|h| istio_sni(port, h));
+                        entry_route(cfg, &selected, sp, port, protocol, sni, vip)
+                    };
+                    let target = match target {
+                        Ok(d) => Target::Route(Arc::new(outbound.route(d))),
+                        Err(why) => {
+                            let why = format!(
+                                "ServiceEntry {}/{} port {port}: {why}",
+                                se.namespace(),
+                                se.name()
+                            );
+                            notes.push(why.clone());
+                            Target::Refused(why)
+                        }
+                    };
+                    entries.insert(vip, target);
+                }
             }
         }
         let table = OutboundTable {
@@ -305,6 +394,79 @@ fn route_for(
     found
         .map(|(_, d)| d)
         .ok_or_else(|| "it selects no workload in the configuration".to_string())
+}
+
+/// The destination for port `port` of a ServiceEntry selecting `selected` (WorkloadEntries or
+/// pods), dialled at `vip`: each workload's port of the same name, else `targetPort`, else the
+/// number, with auto mTLS by that port's mode. All selected workloads must agree.
+fn entry_route(
+    cfg: &Config,
+    selected: &[&Workload],
+    sp: &warden_policy::model::ServiceEntryPort,
+    port: u16,
+    protocol: OutboundProtocol,
+    sni: Option<String>,
+    vip: SocketAddr,
+) -> Result<Destination, String> {
+    let mut found: Option<(String, Destination)> = None;
+    for wl in selected {
+        let target = wl
+            .ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(sp.name.as_str()))
+            .map(|p| p.container_port)
+            .or(sp.target_port.and_then(|t| u16::try_from(t).ok()))
+            .filter(|t| *t != 0)
+            .unwrap_or(port);
+        let mode = port_table(cfg, wl)
+            .get(&target)
+            .map(|s| s.mode)
+            .unwrap_or(MtlsMode::Permissive);
+        let security = if !wl.sidecar || mode == MtlsMode::Disable {
+            Security::Plaintext
+        } else {
+            let raw = wl.spiffe_id(&cfg.mesh.trust_domain);
+            Security::Mtls(
+                raw.parse()
+                    .map_err(|e| format!("{} has no valid SPIFFE ID ({raw}): {e}", wl.id()))?,
+            )
+        };
+        let upstream = wl
+            .address
+            .as_deref()
+            .and_then(|a| a.trim().parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, target))
+            .unwrap_or(vip);
+        let d = Destination {
+            upstream,
+            sni: if security == Security::Plaintext {
+                None
+            } else {
+                sni.clone()
+            },
+            security,
+            protocol,
+        };
+        match &found {
+            None => found = Some((wl.id(), d)),
+            Some((first, fd)) => {
+                if fd.security != d.security {
+                    return Err(format!(
+                        "the workloads it selects need different routes ({first}: {}, {}: {})",
+                        describe(&fd.security),
+                        wl.id(),
+                        describe(&d.security)
+                    ));
+                }
+                if fd.upstream == vip && d.upstream != vip {
+                    found = Some((wl.id(), d));
+                }
+            }
+        }
+    }
+    found
+        .map(|(_, d)| d)
+        .ok_or_else(|| "its workloadSelector selects no workload in the configuration".to_string())
 }
 
 fn describe(s: &Security) -> String {

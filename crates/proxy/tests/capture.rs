@@ -189,3 +189,64 @@ fn registry_only_makes_unknown_destinations_a_black_hole() {
     let (table, _) = OutboundTable::from_config(&config(extra), &outbound());
     assert_eq!(table.unknown(), UnknownDestination::BlackHole);
 }
+
+#[test]
+fn service_entry_addresses_are_routed() {
+    let extra = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: foo}
+spec:
+  hosts: [db.example.internal]
+  addresses: [240.0.0.5]
+  ports: [{number: 3306, name: tcp-mysql, protocol: TCP}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {labels: {app: db}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: db-vm, namespace: foo}
+spec:
+  address: 10.2.2.2
+  labels: {app: db}
+  ports: {tcp-mysql: 13306}
+  serviceAccount: db
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: partner, namespace: foo}
+spec:
+  hosts: [api.partner.example]
+  addresses: [203.0.113.7/32, 10.0.0.0/24]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+"#;
+    let (table, notes) = OutboundTable::from_config(&config(extra), &outbound());
+    // Selected WorkloadEntry: its address at its port of the same name, mTLS, SNI from the host.
+    let Some(Target::Route(r)) = table.get(&addr("240.0.0.5:3306")) else {
+        panic!("db:3306 is not routed");
+    };
+    let d = r.destination();
+    assert_eq!(d.upstream, addr("10.2.2.2:13306"));
+    assert_eq!(
+        d.security,
+        Security::Mtls("spiffe://cluster.local/ns/foo/sa/db".parse().unwrap())
+    );
+    assert_eq!(
+        d.sni.as_deref(),
+        Some("outbound_.3306_._.db.example.internal")
+    );
+    // No selector (an external service): plain TCP to the address itself.
+    let Some(Target::Route(r)) = table.get(&addr("203.0.113.7:443")) else {
+        panic!("partner:443 is not routed");
+    };
+    assert_eq!(r.destination().upstream, addr("203.0.113.7:443"));
+    assert_eq!(r.destination().security, Security::Plaintext);
+    // A CIDR is not one destination: reported, not routed.
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("foo/partner") && n.contains("10.0.0.0/24")),
+        "{notes:?}"
+    );
+}

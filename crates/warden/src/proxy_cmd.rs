@@ -76,9 +76,10 @@ arrives at --inbound-capture (default 0.0.0.0:15006) and is served as a connecti
 container port it was addressed to (read back with SO_ORIGINAL_DST), then forwarded to \
 POD_IP:PORT from 127.0.0.6; a port the workload does not have is closed. Every outbound \
 connection of the app arrives at --outbound-capture (default 127.0.0.1:15001): one to a \
-Service's clusterIP:port is routed with auto mTLS to the workloads it selects (a \
-WorkloadEntry's address, else the cluster IP); any other destination is passed through as \
-plain TCP, or closed when the mesh's outboundTrafficPolicy.mode is REGISTRY_ONLY. Log lines: \
+Service's clusterIP:port or a ServiceEntry address is routed with auto mTLS to the workloads \
+it selects (a WorkloadEntry's address, else the dialled address; an external ServiceEntry is \
+plain TCP); any other destination is passed through as plain TCP, or closed when the mesh's \
+outboundTrafficPolicy.mode is REGISTRY_ONLY. Log lines: \
 `inbound capture listening`, `outbound capture listening`, `inbound connection closed`, \
 `outbound connection closed`.\n\n\
 Examples:\n  warden proxy -f config/ --workload foo/server \\\n    --inbound 9000=127.0.0.1:15006,127.0.0.1:9000 \\\n    --cert certs/cert-chain.pem --key certs/key.pem --roots certs/root-cert.pem\n  \

@@ -611,6 +611,19 @@ fn transparent_capture_in_network_namespaces() {
         read(BACKEND_VIP, "9000").trim(),
         "peer=spiffe://cluster.local/ns/foo/sa/server"
     );
+    // Registering the destination with a ServiceEntry lets it through again.
+    std::fs::write(
+        cfg_dir.join("partner.yaml"),
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n\
+             metadata: {{name: partner, namespace: foo}}\n\
+             spec: {{hosts: [partner.example], addresses: [{CLIENT_IP}], \
+             ports: [{{number: 9001, name: tcp, protocol: TCP}}], resolution: NONE}}\n"
+        ),
+    )
+    .unwrap();
+    proxy.wait_for("config applied");
+    assert_eq!(read(CLIENT_IP, "9001").trim(), "plain");
 
     drop(proxy);
     drop(tls_echo);

@@ -716,7 +716,7 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
                 tracing::warn!(target: "warden::proxy", "outbound capture: {n}");
             }
             let unknown = table.unknown();
-            let services = table.len();
+            let known = table.len();
             let table = Arc::new(ArcSwap::from_pointee(table));
             let inbound_capture = InboundCapture::bind(proxy.clone(), t.inbound).await?;
             let served: Vec<String> = proxy.ports().keys().map(u16::to_string).collect();
@@ -731,7 +731,7 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             tracing::info!(
                 target: "warden::proxy",
                 addr = %outbound_capture.local_addr()?,
-                services,
+                destinations = known,
                 unknown = match unknown {
                     UnknownDestination::Passthrough => "passthrough",
                     UnknownDestination::BlackHole => "blackhole",

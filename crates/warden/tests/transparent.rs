@@ -1,10 +1,12 @@
 //! Transparent capture end to end, inside network namespaces this test creates: a "pod"
 //! namespace with an app (python3), `warden proxy --capture transparent` running as uid 1337 and
-//! the rules of `warden proxy iptables --apply`; a "client" namespace joined to it by a veth
-//! pair (10.250.0.0/24, private to the two namespaces) with the mesh peers. Needs root, `ip`,
-//! `iptables`, `setpriv` and `python3`: without root it is skipped with the reason printed;
-//! with root but a missing tool it is skipped too, except under CI (`CI` set), where that is a
-//! failure. Every wait is bounded; namespaces and processes are removed however the test ends.
+//! the rules of `warden proxy iptables --apply`; a "client" namespace with plain and mTLS peers
+//! (10.250.0.0/24); and a second pod with its own transparent proxy (10.250.1.0/24), for a
+//! whole mesh: plain app → captured outbound → mTLS → captured inbound → app. Addresses exist
+//! only inside these namespaces. Needs root, `ip`, `iptables`, `setpriv` and `python3`:
+//! without root it is skipped with the reason printed; with root but a missing tool it is
+//! skipped too, except under CI (`CI` set), where that is a failure. Every wait is bounded;
+//! namespaces and processes are removed however the test ends.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,6 +21,10 @@ const CLIENT_IP: &str = "10.250.0.2";
 /// The backend Service's cluster IP: on the link's subnet, assigned to no one; only the
 /// pod's outbound capture makes it reachable.
 const BACKEND_VIP: &str = "10.250.0.100";
+/// The server Service's cluster IP; in the client pod, a DNAT rule stands in for kube-proxy.
+const SERVER_VIP: &str = "10.250.0.200";
+/// A second pod with its own transparent proxy, on a second link of the server pod.
+const CLIENT_POD_IP: &str = "10.250.1.2";
 
 fn warden_bin() -> &'static str {
     env!("CARGO_BIN_EXE_warden")
@@ -337,6 +343,7 @@ apiVersion: v1
 kind: Service
 metadata: {{name: server, namespace: foo}}
 spec:
+  clusterIP: {SERVER_VIP}
   selector: {{app: server}}
   ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: tcp-who, port: 9100}}]
 ---
@@ -349,6 +356,16 @@ spec:
     spec:
       serviceAccountName: server
       containers: [{{name: app, ports: [{{containerPort: 8080}}, {{containerPort: 9100}}]}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: client, namespace: foo}}
+spec:
+  template:
+    metadata: {{labels: {{app: client}}}}
+    spec:
+      serviceAccountName: client
+      containers: [{{name: c}}]
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -394,6 +411,40 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `warden proxy --capture transparent` for `workload` as uid 1337 in `ns`.
+fn start_proxy(ns: &str, workload: &str, pod_ip: &str, certs: &Path, cfg: &Path) -> Process {
+    let [cert, key, roots] = tls_args(certs);
+    let mut c = in_ns(
+        ns,
+        "setpriv",
+        &[
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            "--",
+            warden_bin(),
+            "-v",
+            "proxy",
+            "-f",
+            &s(cfg),
+            "--workload",
+            workload,
+            "--capture",
+            "transparent",
+            "--pod-ip",
+            pod_ip,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--roots",
+            &roots,
+        ],
+    );
+    c.env_remove("RUST_LOG");
+    Process::start(&format!("warden proxy {workload}"), c)
+}
+
 fn tls_args(dir: &Path) -> [String; 3] {
     [
         s(&dir.join("cert-chain.pem")),
@@ -420,9 +471,11 @@ fn transparent_capture_in_network_namespaces() {
     ] {
         issue(&ca, id, &tmp.0.join(dir));
     }
-    // The proxy runs as uid 1337 and must read its certificate and key.
-    for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
-        std::os::unix::fs::chown(tmp.0.join("server").join(f), Some(1337), Some(1337)).unwrap();
+    // The proxies run as uid 1337 and must read their certificates and keys.
+    for dir in ["server", "client"] {
+        for f in ["cert-chain.pem", "key.pem", "root-cert.pem"] {
+            std::os::unix::fs::chown(tmp.0.join(dir).join(f), Some(1337), Some(1337)).unwrap();
+        }
     }
     let cfg_dir = tmp.0.join("config");
     std::fs::create_dir_all(&cfg_dir).unwrap();
@@ -434,6 +487,7 @@ fn transparent_capture_in_network_namespaces() {
     // Two namespaces joined by a veth pair; dropped (deleted) last.
     let pod = Netns::new("pod");
     let client = Netns::new("cli");
+    let cpod = Netns::new("cpod");
     run_ok(&mut in_ns(
         &pod.0,
         "ip",
@@ -449,6 +503,27 @@ fn transparent_capture_in_network_namespaces() {
         ));
         run_ok(&mut in_ns(&ns.0, "ip", &["link", "set", "eth0", "up"]));
     }
+
+    run_ok(&mut in_ns(
+        &pod.0,
+        "ip",
+        &[
+            "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &cpod.0,
+        ],
+    ));
+    for (ns, dev, ip) in [(&pod, "eth1", "10.250.1.1"), (&cpod, "eth0", CLIENT_POD_IP)] {
+        run_ok(&mut in_ns(
+            &ns.0,
+            "ip",
+            &["addr", "add", &format!("{ip}/24"), "dev", dev],
+        ));
+        run_ok(&mut in_ns(&ns.0, "ip", &["link", "set", dev, "up"]));
+    }
+    run_ok(&mut in_ns(
+        &cpod.0,
+        "ip",
+        &["route", "add", "10.250.0.0/24", "via", "10.250.1.1"],
+    ));
 
     // The app answers plaintext directly while nothing captures.
     let mut app = Process::start("app", in_ns(&pod.0, "python3", &[&helper, "app", "8080"]));
@@ -491,40 +566,17 @@ fn transparent_capture_in_network_namespaces() {
     plain_echo.wait_for("ready");
 
     // The proxy as uid 1337, then the capture rules.
-    let server = tls_args(&tmp.0.join("server"));
-    let mut proxy_cmd = in_ns(
+    let mut proxy = start_proxy(
         &pod.0,
-        "setpriv",
-        &[
-            "--reuid=1337",
-            "--regid=1337",
-            "--clear-groups",
-            "--",
-            warden_bin(),
-            "-v",
-            "proxy",
-            "-f",
-            &s(&cfg_dir),
-            "--workload",
-            "foo/server",
-            "--capture",
-            "transparent",
-            "--pod-ip",
-            POD_IP,
-            "--cert",
-            &server[0],
-            "--key",
-            &server[1],
-            "--roots",
-            &server[2],
-        ],
+        "foo/server",
+        POD_IP,
+        &tmp.0.join("server"),
+        &cfg_dir,
     );
-    proxy_cmd.env_remove("RUST_LOG");
-    let mut proxy = Process::start("warden proxy", proxy_cmd);
     let inbound = proxy.wait_for("inbound capture listening");
     assert!(inbound.contains("ports=8080,9100"), "{inbound}");
     let outbound = proxy.wait_for("outbound capture listening");
-    assert!(outbound.contains("services=1"), "{outbound}");
+    assert!(outbound.contains("destinations=3"), "{outbound}");
     proxy.wait_for("config applied");
     let printed = run_ok(&mut cmd(warden_bin(), &["proxy", "iptables"]));
     assert!(printed.contains("--uid-owner 1337"), "{printed}");
@@ -625,6 +677,64 @@ fn transparent_capture_in_network_namespaces() {
     proxy.wait_for("config applied");
     assert_eq!(read(CLIENT_IP, "9001").trim(), "plain");
 
+    // (e) A whole transparent mesh: the client pod's app speaks plain HTTP to the server
+    // Service's cluster IP; its proxy (transparent outbound) sends it as mTLS with the client's
+    // SVID; the server's proxy (transparent inbound) allows it and the app sees the identity.
+    let mut client_proxy = start_proxy(
+        &cpod.0,
+        "foo/client",
+        CLIENT_POD_IP,
+        &tmp.0.join("client"),
+        &cfg_dir,
+    );
+    client_proxy.wait_for("outbound capture listening");
+    client_proxy.wait_for("config applied");
+    run_ok(&mut in_ns(
+        &cpod.0,
+        warden_bin(),
+        &["proxy", "iptables", "--apply"],
+    ));
+    // kube-proxy's part: the cluster IP leads to the server pod (after the capture jump, so
+    // only the proxy's own connection gets here).
+    run_ok(&mut in_ns(
+        &cpod.0,
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            SERVER_VIP,
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{POD_IP}:8080"),
+        ],
+    ));
+    let meshed = run_ok(&mut in_ns(
+        &cpod.0,
+        "python3",
+        &[&helper, "get", SERVER_VIP, "80"],
+    ));
+    assert!(meshed.starts_with("HTTP/1.1 200"), "{meshed}");
+    assert!(
+        meshed.contains("URI=spiffe://cluster.local/ns/foo/sa/client"),
+        "the server app did not see the client pod's identity: {meshed}"
+    );
+    let routed = client_proxy.wait_for("outbound connection routed");
+    assert!(
+        routed.contains(&format!("destination={SERVER_VIP}:80")),
+        "{routed}"
+    );
+    let decided = proxy.wait_for("source=10.250.1.2");
+    assert!(decided.contains("outcome=allow"), "{decided}");
+
+    drop(client_proxy);
     drop(proxy);
     drop(tls_echo);
     drop(plain_echo);

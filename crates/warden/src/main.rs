@@ -14,6 +14,7 @@ mod describe;
 mod input;
 mod iptables_cmd;
 mod jwks_fetch;
+mod live;
 mod proxy_cmd;
 mod proxy_identity;
 mod render;

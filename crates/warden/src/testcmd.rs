@@ -10,10 +10,10 @@ use clap::Args;
 use serde::Deserialize;
 use warden_policy::config::{Config, Loader};
 use warden_policy::engine::ExtAuthzAnswer;
-use warden_policy::simulate::{simulate_with, Client, Connection, HttpSpec, Scenario};
+use warden_policy::simulate::{simulate_with, Client, Connection, HttpSpec, Scenario, Verdict};
 use warden_policy::source::parse_documents;
 
-use crate::{check, input, jwks_fetch, render};
+use crate::{check, input, jwks_fetch, live, render};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -22,19 +22,23 @@ pub struct TestArgs {
     files: Vec<String>,
     /// Only run cases whose name contains this text.
     #[arg(long, value_name = "TEXT")]
-    run: Option<String>,
+    pub(crate) run: Option<String>,
+    /// Run the cases through real proxies, apps and clients on loopback instead of the
+    /// offline engine, and compare with the offline outcome (docs/test-format.md).
+    #[arg(long)]
+    live: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct TestFile {
+pub(crate) struct TestFile {
     #[serde(default)]
     name: Option<String>,
     /// Where the scenario comes from (free text).
     #[serde(default)]
     source: Option<String>,
     #[serde(default)]
-    now: Option<String>,
+    pub(crate) now: Option<String>,
     #[serde(default)]
     config: Option<String>,
     #[serde(default)]
@@ -42,7 +46,7 @@ struct TestFile {
     #[serde(default)]
     tokens: BTreeMap<String, String>,
     #[serde(default)]
-    cases: Vec<Case>,
+    pub(crate) cases: Vec<Case>,
 }
 
 #[derive(Deserialize)]
@@ -54,7 +58,7 @@ enum HeaderValue {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Request {
+pub(crate) struct Request {
     #[serde(default)]
     method: Option<String>,
     #[serde(default)]
@@ -69,7 +73,7 @@ struct Request {
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-enum Expect {
+pub(crate) enum Expect {
     Allow,
     Deny,
     Unauthenticated,
@@ -80,7 +84,7 @@ enum Expect {
 }
 
 impl Expect {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Expect::Allow => "allow",
             Expect::Deny => "deny",
@@ -93,31 +97,33 @@ impl Expect {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Case {
-    name: String,
-    from: String,
+pub(crate) struct Case {
+    pub(crate) name: String,
+    pub(crate) from: String,
     #[serde(default, rename = "sourceIP")]
-    source_ip: Option<String>,
+    pub(crate) source_ip: Option<String>,
     to: String,
-    port: u16,
+    pub(crate) port: u16,
     #[serde(default)]
-    request: Option<Request>,
+    pub(crate) request: Option<Request>,
     #[serde(default)]
-    ext_authz: Option<ExtAuthzAnswer>,
+    pub(crate) ext_authz: Option<ExtAuthzAnswer>,
     /// SNI the client sends (default: Istio's outbound SNI for a sidecar client's mTLS).
     #[serde(default)]
-    sni: Option<String>,
+    pub(crate) sni: Option<String>,
     /// Destination address the proxy sees.
     #[serde(default, rename = "destinationIP")]
-    destination_ip: Option<String>,
-    expect: Expect,
+    pub(crate) destination_ip: Option<String>,
+    pub(crate) expect: Expect,
 }
 
 #[derive(Default)]
-struct Tally {
-    passed: usize,
-    failed: usize,
-    bad_files: usize,
+pub(crate) struct Tally {
+    pub(crate) passed: usize,
+    pub(crate) failed: usize,
+    pub(crate) bad_files: usize,
+    /// Cases the live runner cannot reproduce faithfully (never counted as passed).
+    pub(crate) skipped: usize,
 }
 
 fn read_test_file(path: &Path) -> Result<(TestFile, warden_policy::source::Document)> {
@@ -231,18 +237,38 @@ fn scenario(tf: &TestFile, c: &Case, now: i64) -> Result<Scenario> {
     })
 }
 
-fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
+/// A test file read and its configuration loaded, ready to run its cases.
+pub(crate) struct Prepared {
+    pub(crate) file: String,
+    pub(crate) tf: TestFile,
+    pub(crate) doc: warden_policy::source::Document,
+    pub(crate) cfg: Config,
+    pub(crate) now: i64,
+    pub(crate) jwks: jwks_fetch::Fetched,
+}
+
+/// Reads a test file and loads its configuration, printing the file's title (with `mode`
+/// after it, if any) or why it cannot run; `None` when it cannot.
+pub(crate) fn prepare(
+    path: &Path,
+    mode: Option<&str>,
+    verbose: bool,
+    tally: &mut Tally,
+) -> Option<Prepared> {
     let file = path.display().to_string();
     let (tf, doc) = match read_test_file(path) {
         Ok(x) => x,
         Err(e) => {
             say!("ERROR {file}: {e:#}");
             tally.bad_files += 1;
-            return;
+            return None;
         }
     };
     let title = tf.name.clone().unwrap_or_else(|| file.clone());
-    say!("{title} ({file})");
+    match mode {
+        Some(m) => say!("{title} ({file}) [{m}]"),
+        None => say!("{title} ({file})"),
+    }
     let _ = &tf.source;
     let cfg = match load_config(path, &tf, &doc, verbose) {
         Ok(c) => c,
@@ -250,7 +276,7 @@ fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
             say!("  ERROR {e:#}");
             tally.bad_files += 1;
             tally.failed += tf.cases.len();
-            return;
+            return None;
         }
     };
     let now = match tf.now.as_deref() {
@@ -263,19 +289,38 @@ fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
                 );
                 tally.bad_files += 1;
                 tally.failed += tf.cases.len();
-                return;
+                return None;
             }
         },
         None => check::clock_now(),
     };
     let jwks = jwks_fetch::Fetched::for_config(&cfg);
-    for (i, c) in tf.cases.iter().enumerate() {
-        if args.run.as_deref().is_some_and(|r| !c.name.contains(r)) {
-            continue;
-        }
-        let line = doc.line_of(&format!("cases[{i}]"));
-        let result = scenario(&tf, c, now).and_then(|sc| {
-            let conn = Connection {
+    Some(Prepared {
+        file,
+        tf,
+        doc,
+        cfg,
+        now,
+        jwks,
+    })
+}
+
+impl Prepared {
+    /// Whether `--run` selects case `c`.
+    pub(crate) fn selected(args: &TestArgs, c: &Case) -> bool {
+        args.run.as_deref().is_none_or(|r| c.name.contains(r))
+    }
+
+    /// `file:line` of case `i`.
+    pub(crate) fn case_line(&self, i: usize) -> usize {
+        self.doc.line_of(&format!("cases[{i}]"))
+    }
+
+    /// The case as the offline engine sees it, and the offline verdict.
+    pub(crate) fn offline(&self, c: &Case) -> Result<(Verdict, Scenario, Connection)> {
+        let sc = scenario(&self.tf, c, self.now)?;
+        let conn =
+            Connection {
                 sni: c.sni.clone(),
                 destination_ip: match &c.destination_ip {
                     Some(s) => Some(s.parse().map_err(|_| {
@@ -284,10 +329,23 @@ fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
                     None => None,
                 },
             };
-            Ok((simulate_with(&cfg, &sc, &conn, &jwks)?, sc))
-        });
-        match result {
-            Ok((v, sc)) if v.result.as_str() == c.expect.as_str() => {
+        let v = simulate_with(&self.cfg, &sc, &conn, &self.jwks)?;
+        Ok((v, sc, conn))
+    }
+}
+
+fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
+    let Some(p) = prepare(path, None, verbose, tally) else {
+        return;
+    };
+    let file = &p.file;
+    for (i, c) in p.tf.cases.iter().enumerate() {
+        if !Prepared::selected(args, c) {
+            continue;
+        }
+        let line = p.case_line(i);
+        match p.offline(c) {
+            Ok((v, sc, _)) if v.result.as_str() == c.expect.as_str() => {
                 tally.passed += 1;
                 say!("  pass  {}", c.name);
                 if verbose {
@@ -296,7 +354,7 @@ fn run_file(path: &Path, args: &TestArgs, verbose: bool, tally: &mut Tally) {
                     }
                 }
             }
-            Ok((v, sc)) => {
+            Ok((v, sc, _)) => {
                 tally.failed += 1;
                 say!(
                     "  FAIL  {} ({file}:{line}): expected {}, got {}",
@@ -332,10 +390,20 @@ pub fn run(args: &TestArgs, verbose: bool) -> Result<ExitCode> {
             paths.push(p.to_path_buf());
         }
     }
-    for p in &paths {
-        run_file(p, args, verbose, &mut tally);
+    if args.live {
+        live::run(&paths, args, verbose, &mut tally)?;
+        say!(
+            "{} passed, {} failed, {} skipped (live)",
+            tally.passed,
+            tally.failed,
+            tally.skipped
+        );
+    } else {
+        for p in &paths {
+            run_file(p, args, verbose, &mut tally);
+        }
+        say!("{} passed, {} failed", tally.passed, tally.failed);
     }
-    say!("{} passed, {} failed", tally.passed, tally.failed);
     Ok(if tally.bad_files > 0 {
         ExitCode::from(2)
     } else if tally.failed > 0 {

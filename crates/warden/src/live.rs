@@ -23,6 +23,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use warden_policy::authz::Protocol;
+use warden_policy::config::Workload;
+use warden_policy::engine::Outcome;
 use warden_policy::simulate::{simulate_with, Client, Connection, Scenario, SimError, Verdict};
 
 use crate::check;
@@ -178,6 +181,25 @@ fn run_file(
     }
 }
 
+/// Whether the Service port dialed declares HTTP/2 (`http2`, `grpc`, `h2c` by name prefix or
+/// `appProtocol`): its clients then speak HTTP/2 without TLS, as gRPC clients do.
+fn declares_http2(cfg: &warden_policy::config::Config, dst: &Workload, port: u16) -> bool {
+    let h2 = |p: &str| {
+        let p = p.to_ascii_lowercase();
+        matches!(p.as_str(), "http2" | "grpc" | "h2c" | "kubernetes.io/h2c")
+    };
+    cfg.services_selecting(dst)
+        .flat_map(|s| s.spec.ports.iter())
+        .find(|sp| sp.port == port)
+        .is_some_and(|sp| match sp.app_protocol.as_deref() {
+            Some(ap) => h2(ap),
+            None => sp
+                .name
+                .as_deref()
+                .is_some_and(|n| h2(n.split('-').next().unwrap_or(n))),
+        })
+}
+
 /// Whether a case passes: the live outcome and the offline one must both be `expect`.
 /// Otherwise the failure's headline, saying whether offline and live disagree.
 fn judge(expect: &str, offline: &str, live: Option<&str>) -> Result<(), String> {
@@ -227,6 +249,21 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
         Client::Plaintext => Via::Plaintext,
     };
 
+    // A request-less case is an opaque TCP connection; a proxy's HTTP listener answers such
+    // bytes with 400, so only a connection refused before HTTP (by the port's mode or the
+    // handshake, where the engine is not asked) has a live counterpart.
+    let proxied = dst.sidecar || matches!(via, Via::Outbound { .. });
+    if sc.request.is_none()
+        && v.destination.protocol == Protocol::Http
+        && proxied
+        && !(v.result == Outcome::Reset && v.decision.is_none())
+    {
+        return Prep::Skip(format!(
+            "port {} is HTTP ({}); a case without `request:` is an opaque TCP connection, which a proxy's HTTP listener answers with 400",
+            v.destination.container_port, v.destination.protocol_source
+        ));
+    }
+
     // Only a client that opens its own socket can choose its source address; the outbound
     // proxy connects from 127.0.0.1.
     let source_ip = match sc.source_ip {
@@ -243,7 +280,10 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
     let request = match &sc.request {
         None => None,
         Some(r) => match client::HttpCall::new(r, v.authority.as_deref()) {
-            Ok(call) => Some(call),
+            Ok(mut call) => {
+                call.h2c = declares_http2(cfg, dst, sc.port);
+                Some(call)
+            }
             Err(why) => return Prep::Skip(why),
         },
     };

@@ -142,7 +142,7 @@ fn live_reproduces_addresses_sni_and_trust_domains() {
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     assert_eq!(
         last_line(&o),
-        "10 passed, 0 failed, 1 skipped (live)",
+        "12 passed, 0 failed, 2 skipped (live)",
         "{}",
         o.stdout
     );
@@ -153,9 +153,16 @@ fn live_reproduces_addresses_sni_and_trust_domains() {
         "{}",
         o.stdout
     );
-    // The same file passes offline in full, the skipped case included.
+    assert!(
+        o.stdout.contains(
+            "skip  a TCP connection to an HTTP port is skipped, not passed (live: port 80 is HTTP (Service port name \"http\"); a case without `request:` is an opaque TCP connection, which a proxy's HTTP listener answers with 400)"
+        ),
+        "{}",
+        o.stdout
+    );
+    // The same file passes offline in full, the skipped cases included.
     let o = warden(&["test", &fixture("live.test.yaml")]);
-    assert_eq!(last_line(&o), "11 passed, 0 failed", "{}", o.stdout);
+    assert_eq!(last_line(&o), "14 passed, 0 failed", "{}", o.stdout);
 }
 
 #[test]

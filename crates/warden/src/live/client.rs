@@ -62,6 +62,8 @@ pub(crate) struct HttpCall {
     target: String,
     authority: String,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// Send HTTP/2 without TLS (prior knowledge), for a port declared HTTP/2 or gRPC.
+    pub(crate) h2c: bool,
 }
 
 impl HttpCall {
@@ -110,6 +112,7 @@ impl HttpCall {
             target,
             authority,
             headers,
+            h2c: false,
         })
     }
 }
@@ -206,7 +209,7 @@ pub(crate) async fn bounded(
 pub(crate) async fn send(target: &Target, request: Option<&HttpCall>) -> LiveOutcome {
     let (stream, h2): (Box<dyn Stream>, bool) = match target {
         Target::Plain { addr, bind } => match connect(*bind, *addr).await {
-            Ok(s) => (Box::new(s), false),
+            Ok(s) => (Box::new(s), request.is_some_and(|r| r.h2c)),
             Err(e) => return LiveOutcome::Closed(format!("connect to {addr}: {e}")),
         },
         Target::Mtls {
@@ -268,6 +271,13 @@ async fn probe(mut stream: Box<dyn Stream>) -> LiveOutcome {
     }
     if got.starts_with(BANNER) {
         LiveOutcome::Banner
+    } else if got.starts_with(b"HTTP/") {
+        // A proxy's HTTP listener answered the probe: neither the app nor a closed connection.
+        let line = String::from_utf8_lossy(&got);
+        LiveOutcome::Failed(format!(
+            "the TCP probe got an HTTP response: {}",
+            line.lines().next().unwrap_or_default()
+        ))
     } else {
         LiveOutcome::Closed(format!(
             "closed after {} bytes that are not the app's banner",

@@ -6,7 +6,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+#[cfg(test)]
+use std::time::Duration;
 use std::time::SystemTime;
+#[cfg(test)]
+use tokio::net::TcpStream;
 
 use anyhow::{anyhow, Context, Result};
 use arc_swap::ArcSwap;
@@ -45,7 +49,7 @@ struct RouteKey {
     to: (String, String),
     port: u16,
     sni: Option<String>,
-    listen: SocketAddr,
+    listen: Result<SocketAddr, String>,
 }
 
 pub(crate) struct World {
@@ -327,23 +331,30 @@ impl World {
                             .map_err(|e| anyhow!("{}: bad SPIFFE ID: {e}", wl.id()))?;
                         outbound.insert(source.clone(), OutboundProxy::new(pki.identity(&id)?));
                     }
-                    let dst_wl = workload(cfg, &p.to)?;
-                    let upstream = dests[&p.to].reach(p.container_port, p.destination_ip)?;
-                    let mut d = route_for(cfg, dst_wl, p.port, upstream)?;
-                    if p.sni.is_some() && matches!(d.security, Security::Mtls(_)) {
-                        d.sni = p.sni.clone();
+                    // A route that cannot be set up fails its cases, not the whole file.
+                    let listen = async {
+                        let dst_wl = workload(cfg, &p.to)?;
+                        let upstream = dests[&p.to].reach(p.container_port, p.destination_ip)?;
+                        let mut d = route_for(cfg, dst_wl, p.port, upstream)?;
+                        if p.sni.is_some() && matches!(d.security, Security::Mtls(_)) {
+                            d.sni = p.sni.clone();
+                        }
+                        let l = outbound[source]
+                            .bind(SocketAddr::new(super::LOCALHOST, 0), d)
+                            .await?;
+                        let addr = l.local_addr()?;
+                        tasks.spawn(l.run());
+                        anyhow::Ok(addr)
                     }
-                    let l = outbound[source]
-                        .bind(SocketAddr::new(super::LOCALHOST, 0), d)
-                        .await?;
+                    .await
+                    .map_err(|e| format!("outbound route of {}/{}: {e:#}", source.0, source.1));
                     routes.push(RouteKey {
                         source: source.clone(),
                         to: p.to.clone(),
                         port: p.port,
                         sni: p.sni.clone(),
-                        listen: l.local_addr()?,
+                        listen,
                     });
-                    tasks.spawn(l.run());
                 }
                 Via::Mtls { id } => {
                     if !spiffe.contains_key(id) {
@@ -387,7 +398,7 @@ impl World {
                     })
                     .ok_or_else(|| anyhow!("no outbound route for this case"))?;
                 Target::Plain {
-                    addr: r.listen,
+                    addr: r.listen.clone().map_err(|e| anyhow!(e))?,
                     bind: super::LOCALHOST,
                 }
             }
@@ -438,5 +449,78 @@ impl Dest {
         found
             .copied()
             .ok_or_else(|| anyhow!("nothing listens for port {port}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::LOCALHOST;
+    use warden_policy::config::Loader;
+    use warden_policy::engine::InlineJwksOnly;
+
+    const MESH: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: foo, labels: {istio-injection: enabled}}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: foo}\nspec: {selector: {app: web}, ports: [{name: http, port: 8000, targetPort: 80}]}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: foo}\nspec: {template: {metadata: {labels: {app: web}}, spec: {serviceAccountName: web}}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: sleep, namespace: foo}\nspec: {template: {metadata: {labels: {app: sleep}}, spec: {serviceAccountName: sleep}}}\n";
+
+    /// Everything a file started stops with it: afterwards no app, inbound or outbound
+    /// listener accepts connections.
+    #[tokio::test]
+    async fn stop_closes_every_listener() {
+        let mut l = Loader::new();
+        l.add_text("mesh.yaml", MESH);
+        let (cfg, diags) = l.finish();
+        assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
+        let plan = Plan {
+            via: Via::Outbound {
+                source: ("foo".into(), "sleep".into()),
+            },
+            to: ("foo".into(), "web".into()),
+            port: 8000,
+            container_port: 80,
+            source_ip: LOCALHOST,
+            destination_ip: LOCALHOST,
+            sni: None,
+            request: Some(
+                client::HttpCall::new(
+                    &warden_policy::simulate::HttpSpec {
+                        method: "GET".into(),
+                        path: "/".into(),
+                        ..Default::default()
+                    },
+                    Some("web.foo:8000"),
+                )
+                .unwrap(),
+            ),
+        };
+        let world = tokio::time::timeout(
+            Duration::from_secs(20),
+            World::start(&cfg, &InlineJwksOnly, &[&plan]),
+        )
+        .await
+        .expect("start is bounded")
+        .expect("the world starts");
+        let dest = &world.dests[&plan.to];
+        let mut addrs: Vec<SocketAddr> = dest.apps.values().copied().collect();
+        addrs.extend(dest.inbound.values().copied());
+        addrs.extend(world.routes.iter().map(|r| r.listen.clone().unwrap()));
+        assert_eq!(
+            addrs.len(),
+            3,
+            "one app, one inbound and one outbound listener"
+        );
+        let o = world.run_case(&plan).await;
+        assert_eq!(o.outcome(), Some("allow"), "{}", o.detail());
+        for a in &addrs {
+            assert!(
+                TcpStream::connect(a).await.is_ok(),
+                "{a} listens while running"
+            );
+        }
+        world.stop().await;
+        for a in &addrs {
+            assert!(
+                TcpStream::connect(a).await.is_err(),
+                "{a} still accepts after stop"
+            );
+        }
     }
 }

@@ -27,6 +27,7 @@ use warden_policy::authz::Protocol;
 use warden_policy::config::Workload;
 use warden_policy::engine::Outcome;
 use warden_policy::simulate::{simulate_with, Client, Connection, Scenario, SimError, Verdict};
+use warden_proxy::outbound::Security;
 
 use crate::check;
 use crate::render;
@@ -103,8 +104,8 @@ fn run_file(
     let Some(p) = crate::testcmd::prepare(path, Some("live"), verbose, tally) else {
         return;
     };
-    // Offline verdicts and plans are computed before the runtime starts: fetching JWKS and the
-    // engine are synchronous.
+    // Offline verdicts and plans come first, outside the runtime: fetching JWKS runs a runtime
+    // of its own, which cannot nest in this one.
     let mut cases: Vec<(usize, &Case, Prep)> = Vec::new();
     for (i, c) in p.tf.cases.iter().enumerate() {
         if !Prepared::selected(args, c) {
@@ -119,22 +120,28 @@ fn run_file(
             _ => None,
         })
         .collect();
-    let results: Result<Vec<LiveOutcome>> = rt.block_on(async {
-        let world = world::World::start(&p.cfg, &p.jwks, &plans).await?;
-        let mut out = Vec::new();
-        for plan in &plans {
-            out.push(world.run_case(plan).await);
-        }
-        world.stop().await;
-        Ok(out)
-    });
-    let mut results = match results {
+    let started: Result<Vec<LiveOutcome>> = if plans.is_empty() {
+        Ok(Vec::new())
+    } else {
+        rt.block_on(async {
+            let world = world::World::start(&p.cfg, &p.jwks, &plans).await?;
+            let mut out = Vec::new();
+            for plan in &plans {
+                out.push(world.run_case(plan).await);
+            }
+            world.stop().await;
+            Ok(out)
+        })
+    };
+    let mut results = match started {
         Ok(r) => r.into_iter(),
         Err(e) => {
-            say!("  ERROR cannot start the live environment: {e:#}");
+            // The file cannot run live at all: an error (exit 2), and each of its cases fails
+            // saying why.
+            let why = format!("cannot start the live environment: {e:#}");
+            say!("  ERROR {why}");
             tally.bad_files += 1;
-            tally.failed += plans.len();
-            return;
+            vec![LiveOutcome::Failed(why); plans.len()].into_iter()
         }
     };
     let file = &p.file;
@@ -302,12 +309,11 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
     let live_sni = match &via {
         Via::Plaintext => None,
         Via::Mtls { .. } => c.sni.clone(),
-        Via::Outbound { .. } => c.sni.clone().or_else(|| {
-            match world::route_for(cfg, dst, sc.port, (LOCALHOST, 0).into()) {
-                Ok(d) => d.sni,
-                Err(_) => None,
-            }
-        }),
+        // As the world builds the route: `sni:` replaces the route's SNI on mTLS only.
+        Via::Outbound { .. } => match world::route_for(cfg, dst, sc.port, (LOCALHOST, 0).into()) {
+            Ok(d) if matches!(d.security, Security::Mtls(_)) => c.sni.clone().or(d.sni),
+            _ => None,
+        },
     };
     let mut live_sc = sc.clone();
     live_sc.source_ip = Some(source_ip);

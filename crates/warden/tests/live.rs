@@ -227,3 +227,30 @@ fn live_fails_wrong_expectations_and_disagreements() {
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
     assert_eq!(last_line(&o), "1 passed, 0 failed, 0 skipped (live)");
 }
+
+#[test]
+fn live_skips_cases_whose_outcome_depends_on_now() {
+    let f = fixture("live-clock.test.yaml");
+    let offline = warden(&["test", &f]);
+    assert_eq!(
+        last_line(&offline),
+        "2 passed, 0 failed",
+        "{}",
+        offline.stdout
+    );
+    let o = warden(&["test", "--live", &f]);
+    assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains(
+            "skip  a token valid until 2118 is expired in 2120 (live: on loopback the proxy would see the real clock instead of `now:`, which gives allow instead of unauthenticated)"
+        ),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("pass  no token is denied at any time"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(last_line(&o), "1 passed, 0 failed, 1 skipped (live)");
+}

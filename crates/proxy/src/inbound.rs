@@ -104,6 +104,17 @@ pub struct InboundProxy {
     ext_authz: ExtAuthzClient,
     /// Source address of connections to the app (see [`InboundProxy::with_upstream_bind`]).
     upstream_bind: Option<std::net::IpAddr>,
+    /// Test-only clock ([`InboundProxy::with_fixed_clock`]); `None` reads the system clock.
+    fixed_now: Option<i64>,
+}
+
+/// Test-only: the addresses a listener's connections present to the policy engine (and the
+/// reports) instead of those the kernel gives, so that `warden test --live` can replay a
+/// case's `sourceIP` or `destinationIP` on loopback. `warden proxy` never sets it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Presented {
+    pub source_ip: Option<std::net::IpAddr>,
+    pub destination_ip: Option<std::net::IpAddr>,
 }
 
 /// What is known about one downstream connection.
@@ -164,6 +175,7 @@ impl InboundProxy {
             workload: (UNKNOWN.to_string(), UNKNOWN.to_string()),
             ext_authz: ExtAuthzClient::default(),
             upstream_bind: None,
+            fixed_now: None,
         }
     }
 
@@ -186,6 +198,19 @@ impl InboundProxy {
             .build(connector);
         self.upstream_bind = Some(ip);
         self
+    }
+
+    /// Test-only: the policy engine sees `now_unix` (Unix seconds) as the time of every
+    /// request, for JWT `exp`/`nbf`, instead of the system clock; certificates are still
+    /// checked against the system clock. For `warden test --live` replaying a file's `now:`;
+    /// `warden proxy` never sets it.
+    pub fn with_fixed_clock(mut self, now_unix: i64) -> Self {
+        self.fixed_now = Some(now_unix);
+        self
+    }
+
+    fn now(&self) -> i64 {
+        self.fixed_now.unwrap_or_else(now_unix)
     }
 
     /// Reports every request and connection to `observer` (by default, metrics no one reads
@@ -272,6 +297,7 @@ impl InboundProxy {
             proxy: self.clone(),
             port,
             listener,
+            presented: Presented::default(),
         })
     }
 
@@ -281,13 +307,31 @@ impl InboundProxy {
         port: u16,
         stream: TcpStream,
     ) -> Result<(), ProxyError> {
+        self.serve_connection_presenting(port, stream, Presented::default())
+            .await
+    }
+
+    /// [`InboundProxy::serve_connection`], the connection presenting `presented` addresses
+    /// (test-only, see [`Presented`]).
+    pub async fn serve_connection_presenting(
+        self: Arc<Self>,
+        port: u16,
+        stream: TcpStream,
+        presented: Presented,
+    ) -> Result<(), ProxyError> {
         let settings = *self
             .ports
             .load()
             .get(&port)
             .ok_or(ProxyError::UnknownPort(port))?;
-        let source = stream.peer_addr()?;
-        let local = stream.local_addr()?;
+        let mut source = stream.peer_addr()?;
+        let mut local = stream.local_addr()?;
+        if let Some(ip) = presented.source_ip {
+            source.set_ip(ip);
+        }
+        if let Some(ip) = presented.destination_ip {
+            local.set_ip(ip);
+        }
         let start = SystemTime::now();
         let started = Instant::now();
         let deadline = Instant::now() + self.detect_timeout;
@@ -625,7 +669,7 @@ impl ConnCtx {
         // re-check reuses the answer, as Envoy's network filter checks only at connect.
         let decision = loop {
             let policy = self.proxy.policy.load_full();
-            let r = policy.evaluate(&req, Protocol::Tcp, now_unix(), &mut |p, _| {
+            let r = policy.evaluate(&req, Protocol::Tcp, self.proxy.now(), &mut |p, _| {
                 answers.get(p).copied()
             });
             let e = match r {
@@ -799,7 +843,7 @@ impl ConnCtx {
         // answer (at most once per provider, so a misbehaving engine cannot loop).
         let mut answers: BTreeMap<String, CheckResult> = BTreeMap::new();
         let decision = loop {
-            let r = policy.evaluate(&ereq, Protocol::Http, now_unix(), &mut |p, _| {
+            let r = policy.evaluate(&ereq, Protocol::Http, self.proxy.now(), &mut |p, _| {
                 answers.get(p).map(|c| c.answer)
             });
             let e = match r {
@@ -1097,9 +1141,16 @@ pub struct InboundListener {
     proxy: Arc<InboundProxy>,
     port: u16,
     listener: TcpListener,
+    presented: Presented,
 }
 
 impl InboundListener {
+    /// Test-only: every connection accepted here presents these addresses (see [`Presented`]).
+    pub fn presenting(mut self, presented: Presented) -> Self {
+        self.presented = presented;
+        self
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
@@ -1111,8 +1162,12 @@ impl InboundListener {
                 Ok((stream, _)) => {
                     let proxy = self.proxy.clone();
                     let port = self.port;
+                    let presented = self.presented;
                     tokio::spawn(async move {
-                        match proxy.serve_connection(port, stream).await {
+                        match proxy
+                            .serve_connection_presenting(port, stream, presented)
+                            .await
+                        {
                             Ok(()) => {}
                             // Refused identities are security events: say why at info.
                             Err(e @ (ProxyError::Handshake(_) | ProxyError::NoPeerIdentity)) => {

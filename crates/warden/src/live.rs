@@ -10,10 +10,12 @@
 //! with its SVID and the route [`warden_proxy::outbound::destination_for`] gives. Clients
 //! ([`client`]) then send each case for real. Everything is torn down at the end of the file.
 //!
+//! Addresses outside 127.0.0.0/8 and the file's `now:` reach the engine through the proxy's
+//! test-only hooks ([`warden_proxy::inbound::Presented`], `InboundProxy::with_fixed_clock`).
 //! A case is only run when loopback reproduces its conditions: the offline engine is asked
-//! again with what the live run can actually present (source address, destination address,
-//! SNI, the real clock, no ext_authz answer); when that changes the outcome, the case is
-//! reported as `skip (live: …)` and counted apart, never as passed.
+//! again with what the live run will actually present (addresses the case leaves unsaid, the
+//! SNI sent, no ext_authz answer); when that changes the outcome, the case is reported as
+//! `skip (live: …)` and counted apart, never as passed.
 
 mod client;
 mod world;
@@ -27,6 +29,7 @@ use warden_policy::authz::Protocol;
 use warden_policy::config::Workload;
 use warden_policy::engine::Outcome;
 use warden_policy::simulate::{simulate_with, Client, Connection, Scenario, SimError, Verdict};
+use warden_proxy::inbound::Presented;
 use warden_proxy::outbound::Security;
 
 use crate::check;
@@ -57,10 +60,14 @@ pub(crate) struct Plan {
     /// The port the client dials (a Service port, or the container port).
     pub(crate) port: u16,
     pub(crate) container_port: u16,
-    /// Address the client binds (what the destination sees as `source.ip`).
+    /// Address the client binds (what the destination sees as `source.ip`, unless
+    /// `presented` says otherwise).
     pub(crate) source_ip: IpAddr,
-    /// Address of the destination's inbound listener (`destination.ip`).
+    /// Address of the destination's inbound listener (`destination.ip`, unless `presented`
+    /// says otherwise).
     pub(crate) destination_ip: IpAddr,
+    /// Addresses outside loopback the inbound listener presents to the engine instead.
+    pub(crate) presented: Presented,
     /// SNI override for mTLS (`sni:`); `None` keeps the proxy's own choice.
     pub(crate) sni: Option<String>,
     pub(crate) request: Option<client::HttpCall>,
@@ -124,7 +131,8 @@ fn run_file(
         Ok(Vec::new())
     } else {
         rt.block_on(async {
-            let world = world::World::start(&p.cfg, &p.jwks, &plans).await?;
+            let clock = p.tf.now.is_some().then_some(p.now);
+            let world = world::World::start(&p.cfg, &p.jwks, clock, &plans).await?;
             let mut out = Vec::new();
             for plan in &plans {
                 out.push(world.run_case(plan).await);
@@ -271,10 +279,17 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
         ));
     }
 
-    // Only a client that opens its own socket can choose its source address; the outbound
-    // proxy connects from 127.0.0.1.
+    // Addresses in 127.0.0.0/8 are real: a client that opens its own socket binds its source
+    // address, and the inbound listener binds the destination address. Others (and a source
+    // behind the outbound proxy, which connects from 127.0.0.1) are presented to the engine by
+    // the listener (the proxy's test-only `Presented`).
+    let mut presented = Presented::default();
     let source_ip = match sc.source_ip {
         Some(ip) if in_loopback(ip) && !matches!(via, Via::Outbound { .. }) => ip,
+        Some(ip) if dst.sidecar => {
+            presented.source_ip = Some(ip);
+            LOCALHOST
+        }
         _ => LOCALHOST,
     };
     let wanted_dst = conn
@@ -282,6 +297,10 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
         .or_else(|| dst.address.as_deref().and_then(|a| a.parse().ok()));
     let destination_ip = match wanted_dst {
         Some(ip) if in_loopback(ip) && dst.sidecar => ip,
+        Some(ip) if dst.sidecar => {
+            presented.destination_ip = Some(ip);
+            LOCALHOST
+        }
         _ => LOCALHOST,
     };
     let request = match &sc.request {
@@ -301,6 +320,7 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
         container_port: v.destination.container_port,
         source_ip,
         destination_ip,
+        presented,
         sni: c.sni.clone(),
         request,
     };
@@ -316,12 +336,17 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
         },
     };
     let mut live_sc = sc.clone();
-    live_sc.source_ip = Some(source_ip);
-    live_sc.now_unix = check::clock_now();
+    live_sc.source_ip = Some(presented.source_ip.unwrap_or(source_ip));
+    // The proxies run on the file's `now:` when it has one (their test-only fixed clock).
+    live_sc.now_unix = if p.tf.now.is_some() {
+        p.now
+    } else {
+        check::clock_now()
+    };
     live_sc.ext_authz = None;
     let live_conn = Connection {
         sni: live_sni.clone(),
-        destination_ip: Some(destination_ip),
+        destination_ip: Some(presented.destination_ip.unwrap_or(destination_ip)),
     };
     let live_v = match simulate_with(cfg, &live_sc, &live_conn, &p.jwks) {
         Ok(v) => v,
@@ -332,25 +357,15 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
         Err(e) => return Prep::Fail(e.to_string()),
     };
     if live_v.result != v.result {
-        // What the case asked for and loopback changes first; if nothing it gave changed,
-        // what it left unsaid and the live run had to choose.
+        // Addresses and the clock the case gives are reproduced exactly; what it leaves
+        // unsaid, the SNI actually sent and the missing ext_authz answer may not be.
         let mut given = Vec::new();
         let mut implicit = Vec::new();
-        match sc.source_ip {
-            Some(ip) if ip != source_ip => {
-                given.push(format!("source address {source_ip} instead of {ip}"))
-            }
-            None => implicit.push(format!("source address {source_ip}")),
-            _ => {}
+        if sc.source_ip.is_none() {
+            implicit.push(format!("source address {source_ip}"));
         }
-        if dst.sidecar {
-            match wanted_dst {
-                Some(ip) if ip != destination_ip => given.push(format!(
-                    "destination address {destination_ip} instead of {ip}"
-                )),
-                None => implicit.push(format!("destination address {destination_ip}")),
-                _ => {}
-            }
+        if dst.sidecar && wanted_dst.is_none() {
+            implicit.push(format!("destination address {destination_ip}"));
         }
         if conn.sni.is_some() && conn.sni != live_sni {
             given.push(format!(
@@ -360,9 +375,6 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
             ));
         } else if conn.sni.is_none() {
             implicit.push(format!("SNI {}", live_sni.as_deref().unwrap_or("none")));
-        }
-        if p.tf.now.is_some() && p.now != live_sc.now_unix {
-            given.push("the real clock instead of `now:`".into());
         }
         if sc.ext_authz.is_some() {
             given.push("no ext_authz answer".into());

@@ -24,6 +24,7 @@ use warden_policy::config::{Config, Workload};
 use warden_policy::engine::{JwksSource, WorkloadPolicy};
 use warden_policy::model::MtlsMode;
 use warden_policy::scope;
+use warden_proxy::inbound::Presented;
 use warden_proxy::outbound::{
     destination_for, Destination, OutboundError, OutboundProtocol, OutboundProxy, Security,
 };
@@ -37,16 +38,21 @@ struct Dest {
     sidecar: bool,
     /// The app of each container port.
     apps: BTreeMap<u16, SocketAddr>,
-    /// The inbound proxy's listeners, by container port and the address they listen on.
-    inbound: BTreeMap<(u16, IpAddr), SocketAddr>,
+    /// The inbound proxy's listeners, by container port, the address they listen on and the
+    /// addresses they present.
+    inbound: BTreeMap<Listen, SocketAddr>,
     /// The workload's SPIFFE ID (what a client verifies with mTLS).
     id: Option<SpiffeId>,
 }
 
+/// One inbound listener: container port, the address it binds, the addresses it presents.
+type Listen = (u16, IpAddr, Presented);
+
 /// One outbound listener: the route a meshed source uses for one destination port.
 struct RouteKey {
     source: (String, String),
-    to: (String, String),
+    /// The inbound listener (or app) it leads to.
+    upstream: SocketAddr,
     port: u16,
     sni: Option<String>,
     listen: Result<SocketAddr, String>,
@@ -222,6 +228,7 @@ impl World {
     pub(crate) async fn start(
         cfg: &Config,
         jwks: &dyn JwksSource,
+        clock: Option<i64>,
         plans: &[&Plan],
     ) -> Result<World> {
         let dir = TempDir::new()?;
@@ -239,19 +246,20 @@ impl World {
         let mut tasks = JoinSet::new();
 
         // Destinations: the container ports dialed, plus those of their port table.
-        let mut wanted: BTreeMap<(String, String), BTreeSet<(u16, IpAddr)>> = BTreeMap::new();
+        let mut wanted: BTreeMap<(String, String), BTreeSet<Listen>> = BTreeMap::new();
         for p in plans {
-            wanted
-                .entry(p.to.clone())
-                .or_default()
-                .insert((p.container_port, p.destination_ip));
+            wanted.entry(p.to.clone()).or_default().insert((
+                p.container_port,
+                p.destination_ip,
+                p.presented,
+            ));
         }
         let mut dests = BTreeMap::new();
         for (key, listens) in wanted {
             let wl = workload(cfg, &key)?;
             let table = port_table(cfg, wl);
             let mut ports: BTreeSet<u16> = table.keys().copied().collect();
-            ports.extend(listens.iter().map(|(p, _)| *p));
+            ports.extend(listens.iter().map(|(p, ..)| *p));
             let mut apps = BTreeMap::new();
             for port in &ports {
                 apps.insert(*port, client::start_app(&mut tasks).await?);
@@ -292,18 +300,19 @@ impl World {
                 let policy = Arc::new(ArcSwap::from_pointee(WorkloadPolicy::compile(
                     cfg, wl, jwks,
                 )));
-                let proxy = Arc::new(
-                    InboundProxy::new(policy, identity, served)
-                        .with_workload(&wl.namespace, &wl.name),
-                );
-                for (port, ip) in listens {
+                let mut proxy = InboundProxy::new(policy, identity, served)
+                    .with_workload(&wl.namespace, &wl.name);
+                if let Some(now) = clock {
+                    proxy = proxy.with_fixed_clock(now);
+                }
+                let proxy = Arc::new(proxy);
+                for (port, ip, presented) in listens {
                     let l = proxy
                         .bind(port, SocketAddr::new(ip, 0))
                         .await
-                        .with_context(|| {
-                            format!("{}: inbound listener for port {port}", wl.id())
-                        })?;
-                    dest.inbound.insert((port, ip), l.local_addr()?);
+                        .with_context(|| format!("{}: inbound listener for port {port}", wl.id()))?
+                        .presenting(presented);
+                    dest.inbound.insert((port, ip, presented), l.local_addr()?);
                     tasks.spawn(l.run());
                 }
                 dest.id = Some(id);
@@ -318,8 +327,16 @@ impl World {
         for p in plans {
             match &p.via {
                 Via::Outbound { source } => {
+                    let upstream =
+                        dests[&p.to].reach(p.container_port, p.destination_ip, p.presented);
+                    let Ok(upstream) = upstream else {
+                        continue;
+                    };
                     if routes.iter().any(|r| {
-                        r.source == *source && r.to == p.to && r.port == p.port && r.sni == p.sni
+                        r.source == *source
+                            && r.upstream == upstream
+                            && r.port == p.port
+                            && r.sni == p.sni
                     }) {
                         continue;
                     }
@@ -334,7 +351,6 @@ impl World {
                     // A route that cannot be set up fails its cases, not the whole file.
                     let listen = async {
                         let dst_wl = workload(cfg, &p.to)?;
-                        let upstream = dests[&p.to].reach(p.container_port, p.destination_ip)?;
                         let mut d = route_for(cfg, dst_wl, p.port, upstream)?;
                         if p.sni.is_some() && matches!(d.security, Security::Mtls(_)) {
                             d.sni = p.sni.clone();
@@ -350,7 +366,7 @@ impl World {
                     .map_err(|e| format!("outbound route of {}/{}: {e:#}", source.0, source.1));
                     routes.push(RouteKey {
                         source: source.clone(),
-                        to: p.to.clone(),
+                        upstream,
                         port: p.port,
                         sni: p.sni.clone(),
                         listen,
@@ -390,11 +406,15 @@ impl World {
             .ok_or_else(|| anyhow!("{}/{} was not started", p.to.0, p.to.1))?;
         Ok(match &p.via {
             Via::Outbound { source } => {
+                let upstream = dest.reach(p.container_port, p.destination_ip, p.presented)?;
                 let r = self
                     .routes
                     .iter()
                     .find(|r| {
-                        r.source == *source && r.to == p.to && r.port == p.port && r.sni == p.sni
+                        r.source == *source
+                            && r.upstream == upstream
+                            && r.port == p.port
+                            && r.sni == p.sni
                     })
                     .ok_or_else(|| anyhow!("no outbound route for this case"))?;
                 Target::Plain {
@@ -403,7 +423,7 @@ impl World {
                 }
             }
             Via::Plaintext => Target::Plain {
-                addr: dest.reach(p.container_port, p.destination_ip)?,
+                addr: dest.reach(p.container_port, p.destination_ip, p.presented)?,
                 bind: p.source_ip,
             },
             Via::Mtls { id } => {
@@ -414,7 +434,7 @@ impl World {
                     .ok_or_else(|| anyhow!("no SVID for {id}"))?;
                 match &dest.id {
                     Some(server) => Target::Mtls {
-                        addr: dest.reach(p.container_port, p.destination_ip)?,
+                        addr: dest.reach(p.container_port, p.destination_ip, p.presented)?,
                         bind: p.source_ip,
                         identity,
                         server: server.clone(),
@@ -422,7 +442,7 @@ impl World {
                     },
                     // No sidecar: a mesh client's auto mTLS sends plaintext, as offline.
                     None => Target::Plain {
-                        addr: dest.reach(p.container_port, p.destination_ip)?,
+                        addr: dest.reach(p.container_port, p.destination_ip, p.presented)?,
                         bind: p.source_ip,
                     },
                 }
@@ -440,9 +460,9 @@ impl World {
 impl Dest {
     /// Where a client reaches container `port`: the inbound listener, or the app itself when
     /// there is no sidecar.
-    fn reach(&self, port: u16, ip: IpAddr) -> Result<SocketAddr> {
+    fn reach(&self, port: u16, ip: IpAddr, presented: Presented) -> Result<SocketAddr> {
         let found = if self.sidecar {
-            self.inbound.get(&(port, ip))
+            self.inbound.get(&(port, ip, presented))
         } else {
             self.apps.get(&port)
         };
@@ -478,6 +498,7 @@ mod tests {
             container_port: 80,
             source_ip: LOCALHOST,
             destination_ip: LOCALHOST,
+            presented: Presented::default(),
             sni: None,
             request: Some(
                 client::HttpCall::new(
@@ -493,7 +514,7 @@ mod tests {
         };
         let world = tokio::time::timeout(
             Duration::from_secs(20),
-            World::start(&cfg, &InlineJwksOnly, &[&plan]),
+            World::start(&cfg, &InlineJwksOnly, None, &[&plan]),
         )
         .await
         .expect("start is bounded")

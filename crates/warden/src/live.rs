@@ -12,10 +12,12 @@
 //!
 //! Addresses outside 127.0.0.0/8 and the file's `now:` reach the engine through the proxy's
 //! test-only hooks ([`warden_proxy::inbound::Presented`], `InboundProxy::with_fixed_clock`).
+//! A CUSTOM provider is played by a small HTTP server answering as the case's `extAuthz:` says.
 //! A case is only run when loopback reproduces its conditions: the offline engine is asked
 //! again with what the live run will actually present (addresses the case leaves unsaid, the
-//! SNI sent, no ext_authz answer); when that changes the outcome, the case is reported as
-//! `skip (live: …)` and counted apart, never as passed.
+//! SNI sent); when that changes the outcome, or the case needs what the proxy cannot do yet
+//! (an `envoyExtAuthzGrpc` provider), the case is reported as `skip (live: …)` and counted
+//! apart, never as passed.
 
 mod client;
 mod world;
@@ -27,7 +29,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use warden_policy::authz::Protocol;
 use warden_policy::config::Workload;
-use warden_policy::engine::Outcome;
+use warden_policy::engine::{ExtAuthzAnswer, Outcome};
+use warden_policy::mesh::ExtAuthzKind;
 use warden_policy::simulate::{simulate_with, Client, Connection, Scenario, SimError, Verdict};
 use warden_proxy::inbound::Presented;
 use warden_proxy::outbound::Security;
@@ -71,6 +74,8 @@ pub(crate) struct Plan {
     /// SNI override for mTLS (`sni:`); `None` keeps the proxy's own choice.
     pub(crate) sni: Option<String>,
     pub(crate) request: Option<client::HttpCall>,
+    /// What the live run's CUSTOM provider answers during this case, when one is consulted.
+    pub(crate) ext_authz: Option<ExtAuthzAnswer>,
 }
 
 fn in_loopback(ip: IpAddr) -> bool {
@@ -171,7 +176,12 @@ fn run_file(
                     LiveOutcome::Failed("the live run returned no result".into())
                 });
                 let offline = v.result.as_str();
-                let head = match judge(expect, offline, live.outcome()) {
+                // A CUSTOM denial may carry another status than 403 (`statusOnError`).
+                let custom_deny = match (v.result, v.status) {
+                    (Outcome::Deny, Some(s)) if s != 403 => Some(s),
+                    _ => None,
+                };
+                let head = match judge(expect, offline, live.outcome(custom_deny)) {
                     Ok(()) => {
                         tally.passed += 1;
                         say!("  pass  {}", c.name);
@@ -213,6 +223,29 @@ fn declares_http2(cfg: &warden_policy::config::Config, dst: &Workload, port: u16
                 .as_deref()
                 .is_some_and(|n| h2(n.split('-').next().unwrap_or(n))),
         })
+}
+
+/// Why the CUSTOM provider named in `why` (the engine's "provider \"NAME\" would be
+/// consulted" message) cannot answer live: the proxy speaks only `envoyExtAuthzHttp`. When the
+/// name cannot be read, any `envoyExtAuthzGrpc` provider in the mesh config is assumed.
+fn grpc_provider(cfg: &warden_policy::config::Config, why: &str) -> Option<String> {
+    let grpc = |p: &warden_policy::mesh::ExtensionProvider| {
+        matches!(&p.ext_authz, Some((ExtAuthzKind::EnvoyExtAuthzGrpc, _)))
+    };
+    let name = why
+        .split_once("provider \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(name, _)| name);
+    let is_grpc = match name.and_then(|n| cfg.mesh.provider(n)) {
+        Some(p) => grpc(p),
+        None => cfg.mesh.extension_providers.iter().any(grpc),
+    };
+    is_grpc.then(|| {
+        format!(
+            "CUSTOM provider \"{}\" is envoyExtAuthzGrpc, which the proxy does not speak yet",
+            name.unwrap_or("?")
+        )
+    })
 }
 
 /// Whether a case passes: the live outcome and the offline one must both be `expect`.
@@ -313,7 +346,7 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
             Err(why) => return Prep::Skip(why),
         },
     };
-    let plan = Plan {
+    let mut plan = Plan {
         via: via.clone(),
         to: sc.to.clone(),
         port: sc.port,
@@ -323,6 +356,7 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
         presented,
         sni: c.sni.clone(),
         request,
+        ext_authz: None,
     };
 
     // What the destination will really see, asked of the engine again.
@@ -350,15 +384,24 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
     };
     let live_v = match simulate_with(cfg, &live_sc, &live_conn, &p.jwks) {
         Ok(v) => v,
-        Err(SimError::NeedExtAuthz(_)) => return Prep::Skip(
-            "a CUSTOM (ext_authz) provider is consulted and the proxy has no ext_authz client yet"
-                .into(),
-        ),
+        // A CUSTOM provider is consulted: the live run's provider gives the case's answer,
+        // if the proxy speaks the provider's protocol.
+        Err(SimError::NeedExtAuthz(why)) => {
+            if let Some(skip) = grpc_provider(cfg, &why) {
+                return Prep::Skip(skip);
+            }
+            live_sc.ext_authz = sc.ext_authz;
+            plan.ext_authz = sc.ext_authz;
+            match simulate_with(cfg, &live_sc, &live_conn, &p.jwks) {
+                Ok(v) => v,
+                Err(e) => return Prep::Fail(e.to_string()),
+            }
+        }
         Err(e) => return Prep::Fail(e.to_string()),
     };
     if live_v.result != v.result {
-        // Addresses and the clock the case gives are reproduced exactly; what it leaves
-        // unsaid, the SNI actually sent and the missing ext_authz answer may not be.
+        // Addresses, the clock and the ext_authz answer the case gives are reproduced exactly;
+        // what it leaves unsaid and the SNI actually sent may not be.
         let mut given = Vec::new();
         let mut implicit = Vec::new();
         if sc.source_ip.is_none() {
@@ -375,9 +418,6 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
             ));
         } else if conn.sni.is_none() {
             implicit.push(format!("SNI {}", live_sni.as_deref().unwrap_or("none")));
-        }
-        if sc.ext_authz.is_some() {
-            given.push("no ext_authz answer".into());
         }
         let differs = if given.is_empty() { implicit } else { given };
         return Prep::Skip(format!(

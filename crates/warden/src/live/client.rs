@@ -9,7 +9,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use warden_identity::spiffe::SpiffeId;
 use warden_identity::tls::{
     client_config_with_alpn, ExpectedPeer, IdentityState, ALPN_H2, ALPN_HTTP_1_1,
 };
+use warden_policy::engine::ExtAuthzAnswer;
 use warden_policy::simulate::HttpSpec;
 use warden_proxy::outbound::UPSTREAM_FAILURE_BODY;
 
@@ -137,8 +138,10 @@ pub enum LiveOutcome {
 }
 
 impl LiveOutcome {
-    /// The outcome in test-file terms; `None` when it is none of them.
-    pub fn outcome(&self) -> Option<&'static str> {
+    /// The outcome in test-file terms; `None` when it is none of them. A response with
+    /// `custom_deny` from a proxy is a denial too: the status a CUSTOM provider's
+    /// `statusOnError` gives instead of 403.
+    pub fn outcome(&self, custom_deny: Option<u16>) -> Option<&'static str> {
         match self {
             LiveOutcome::Http {
                 status,
@@ -152,6 +155,7 @@ impl LiveOutcome {
                 (400 | 404, false) => Some("bad-request"),
                 // The client's own outbound proxy saw the upstream close the connection.
                 (503, false) if body.starts_with(UPSTREAM_FAILURE_BODY) => Some("reset"),
+                (s, false) if Some(s) == custom_deny => Some("deny"),
                 _ => None,
             },
             LiveOutcome::Banner => Some("allow"),
@@ -345,6 +349,49 @@ async fn http(stream: Box<dyn Stream>, h2: bool, call: &HttpCall) -> LiveOutcome
     }
 }
 
+/// Starts a CUSTOM (`envoyExtAuthzHttp`) provider on an ephemeral 127.0.0.1 port: every check
+/// gets what `answer` holds at that moment (200 for allow, 403 for deny, 500 for error, which
+/// the proxy treats as a provider error). Cases run one at a time, so the runner sets the
+/// answer before each case.
+pub(crate) async fn start_ext_authz(
+    tasks: &mut JoinSet<()>,
+    answer: Arc<Mutex<ExtAuthzAnswer>>,
+) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind((super::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tasks.spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            conns.spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                        let now = *answer.lock().unwrap_or_else(|p| p.into_inner());
+                        let (status, body) = match now {
+                            ExtAuthzAnswer::Allow => {
+                                (StatusCode::OK, "allowed by warden-live ext_authz")
+                            }
+                            ExtAuthzAnswer::Deny => {
+                                (StatusCode::FORBIDDEN, "denied by warden-live ext_authz")
+                            }
+                            ExtAuthzAnswer::Error => (
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "warden-live ext_authz error",
+                            ),
+                        };
+                        let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = status;
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
 /// Starts an app on an ephemeral 127.0.0.1 port; it runs until `tasks` is aborted.
 pub(crate) async fn start_app(tasks: &mut JoinSet<()>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind((super::LOCALHOST, 0)).await?;
@@ -464,7 +511,7 @@ mod tests {
             .await
             .expect("bounded must end the case");
             assert!(matches!(o, LiveOutcome::Failed(_)), "{o:?}");
-            assert_eq!(o.outcome(), None);
+            assert_eq!(o.outcome(None), None);
             assert!(o.detail().contains("no answer within"), "{}", o.detail());
         }
         hold.abort();
@@ -482,14 +529,14 @@ mod tests {
         };
         let req = HttpCall::new(&call("/x?y=1"), Some("web.foo:8000")).unwrap();
         let o = bounded(Duration::from_secs(10), send(&target, Some(&req))).await;
-        assert_eq!(o.outcome(), Some("allow"), "{}", o.detail());
+        assert_eq!(o.outcome(None), Some("allow"), "{}", o.detail());
         assert!(o.detail().contains("GET /x?y=1"), "{}", o.detail());
         let o = bounded(Duration::from_secs(10), send(&target, None)).await;
         assert!(matches!(o, LiveOutcome::Banner), "{}", o.detail());
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
         let o = bounded(Duration::from_secs(10), send(&target, None)).await;
-        assert_eq!(o.outcome(), Some("reset"), "{}", o.detail());
+        assert_eq!(o.outcome(None), Some("reset"), "{}", o.detail());
     }
 
     #[test]

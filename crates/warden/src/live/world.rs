@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 #[cfg(test)]
 use std::time::Duration;
 use std::time::SystemTime;
@@ -21,7 +21,8 @@ use warden_identity::spiffe::SpiffeId;
 use warden_identity::svid::{Svid, TrustBundle};
 use warden_identity::tls::IdentityState;
 use warden_policy::config::{Config, Workload};
-use warden_policy::engine::{JwksSource, WorkloadPolicy};
+use warden_policy::engine::{ExtAuthzAnswer, JwksSource, WorkloadPolicy};
+use warden_policy::mesh::ExtAuthzKind;
 use warden_policy::model::MtlsMode;
 use warden_policy::scope;
 use warden_proxy::inbound::Presented;
@@ -63,6 +64,8 @@ pub(crate) struct World {
     routes: Vec<RouteKey>,
     /// SVIDs of `from: spiffe://…` clients.
     spiffe: BTreeMap<String, Arc<IdentityState>>,
+    /// What the CUSTOM provider answers now (set before each case).
+    ext_authz: Arc<Mutex<ExtAuthzAnswer>>,
     tasks: JoinSet<()>,
     _dir: TempDir,
 }
@@ -245,6 +248,22 @@ impl World {
         let pki = Pki::new(dir.path(), cfg, &extra)?;
         let mut tasks = JoinSet::new();
 
+        // One provider plays every envoyExtAuthzHttp provider of the mesh config; until a
+        // case sets an answer, it answers with an error (fail closed).
+        let ext_authz = Arc::new(Mutex::new(ExtAuthzAnswer::Error));
+        let http_providers: Vec<String> = cfg
+            .mesh
+            .extension_providers
+            .iter()
+            .filter(|p| matches!(&p.ext_authz, Some((ExtAuthzKind::EnvoyExtAuthzHttp, _))))
+            .map(|p| p.name.clone())
+            .collect();
+        let mut provider_addrs = BTreeMap::new();
+        if !http_providers.is_empty() {
+            let addr = client::start_ext_authz(&mut tasks, ext_authz.clone()).await?;
+            provider_addrs = http_providers.into_iter().map(|n| (n, addr)).collect();
+        }
+
         // Destinations: the container ports dialed, plus those of their port table.
         let mut wanted: BTreeMap<(String, String), BTreeSet<Listen>> = BTreeMap::new();
         for p in plans {
@@ -301,7 +320,8 @@ impl World {
                     cfg, wl, jwks,
                 )));
                 let mut proxy = InboundProxy::new(policy, identity, served)
-                    .with_workload(&wl.namespace, &wl.name);
+                    .with_workload(&wl.namespace, &wl.name)
+                    .with_ext_authz_addrs(provider_addrs.clone());
                 if let Some(now) = clock {
                     proxy = proxy.with_fixed_clock(now);
                 }
@@ -385,6 +405,7 @@ impl World {
             dests,
             routes,
             spiffe,
+            ext_authz,
             tasks,
             _dir: dir,
         })
@@ -392,6 +413,8 @@ impl World {
 
     /// Runs one case, bounded by [`CASE_TIMEOUT`].
     pub(crate) async fn run_case(&self, p: &Plan) -> LiveOutcome {
+        *self.ext_authz.lock().unwrap_or_else(|p| p.into_inner()) =
+            p.ext_authz.unwrap_or(ExtAuthzAnswer::Error);
         let target = match self.target(p) {
             Ok(t) => t,
             Err(e) => return LiveOutcome::Failed(format!("{e:#}")),
@@ -499,6 +522,7 @@ mod tests {
             source_ip: LOCALHOST,
             destination_ip: LOCALHOST,
             presented: Presented::default(),
+            ext_authz: None,
             sni: None,
             request: Some(
                 client::HttpCall::new(
@@ -529,7 +553,7 @@ mod tests {
             "one app, one inbound and one outbound listener"
         );
         let o = world.run_case(&plan).await;
-        assert_eq!(o.outcome(), Some("allow"), "{}", o.detail());
+        assert_eq!(o.outcome(None), Some("allow"), "{}", o.detail());
         for a in &addrs {
             assert!(
                 TcpStream::connect(a).await.is_ok(),

@@ -12,12 +12,11 @@
 //!
 //! Addresses outside 127.0.0.0/8 and the file's `now:` reach the engine through the proxy's
 //! test-only hooks ([`warden_proxy::inbound::Presented`], `InboundProxy::with_fixed_clock`).
-//! A CUSTOM provider is played by a small HTTP server answering as the case's `extAuthz:` says.
+//! CUSTOM providers are played by stand-ins answering as the case's `extAuthz:` says.
 //! A case is only run when loopback reproduces its conditions: the offline engine is asked
 //! again with what the live run will actually present (addresses the case leaves unsaid, the
-//! SNI sent); when that changes the outcome, or the case needs what the proxy cannot do yet
-//! (an `envoyExtAuthzGrpc` provider), the case is reported as `skip (live: …)` and counted
-//! apart, never as passed.
+//! SNI sent); when that changes the outcome, the case is reported as `skip (live: …)` and
+//! counted apart, never as passed.
 
 mod client;
 mod world;
@@ -30,7 +29,6 @@ use anyhow::{Context, Result};
 use warden_policy::authz::Protocol;
 use warden_policy::config::Workload;
 use warden_policy::engine::{ExtAuthzAnswer, Outcome};
-use warden_policy::mesh::ExtAuthzKind;
 use warden_policy::simulate::{simulate_with, Client, Connection, Scenario, SimError, Verdict};
 use warden_proxy::inbound::Presented;
 use warden_proxy::outbound::Security;
@@ -225,29 +223,6 @@ fn declares_http2(cfg: &warden_policy::config::Config, dst: &Workload, port: u16
         })
 }
 
-/// Why the CUSTOM provider named in `why` (the engine's "provider \"NAME\" would be
-/// consulted" message) cannot answer live: the proxy speaks only `envoyExtAuthzHttp`. When the
-/// name cannot be read, any `envoyExtAuthzGrpc` provider in the mesh config is assumed.
-fn grpc_provider(cfg: &warden_policy::config::Config, why: &str) -> Option<String> {
-    let grpc = |p: &warden_policy::mesh::ExtensionProvider| {
-        matches!(&p.ext_authz, Some((ExtAuthzKind::EnvoyExtAuthzGrpc, _)))
-    };
-    let name = why
-        .split_once("provider \"")
-        .and_then(|(_, rest)| rest.split_once('"'))
-        .map(|(name, _)| name);
-    let is_grpc = match name.and_then(|n| cfg.mesh.provider(n)) {
-        Some(p) => grpc(p),
-        None => cfg.mesh.extension_providers.iter().any(grpc),
-    };
-    is_grpc.then(|| {
-        format!(
-            "CUSTOM provider \"{}\" is envoyExtAuthzGrpc, which the proxy does not speak yet",
-            name.unwrap_or("?")
-        )
-    })
-}
-
 /// Whether a case passes: the live outcome and the offline one must both be `expect`.
 /// Otherwise the failure's headline, saying whether offline and live disagree.
 fn judge(expect: &str, offline: &str, live: Option<&str>) -> Result<(), String> {
@@ -384,12 +359,8 @@ fn plan_case(p: &Prepared, c: &Case) -> Prep {
     };
     let live_v = match simulate_with(cfg, &live_sc, &live_conn, &p.jwks) {
         Ok(v) => v,
-        // A CUSTOM provider is consulted: the live run's provider gives the case's answer,
-        // if the proxy speaks the provider's protocol.
-        Err(SimError::NeedExtAuthz(why)) => {
-            if let Some(skip) = grpc_provider(cfg, &why) {
-                return Prep::Skip(skip);
-            }
+        // A CUSTOM provider is consulted: the live run's stand-in gives the case's answer.
+        Err(SimError::NeedExtAuthz(_)) => {
             live_sc.ext_authz = sc.ext_authz;
             plan.ext_authz = sc.ext_authz;
             match simulate_with(cfg, &live_sc, &live_conn, &p.jwks) {

@@ -186,23 +186,30 @@ fn live_asks_a_custom_provider_that_answers_as_the_case_says() {
     }
 }
 
+/// An `envoyExtAuthzGrpc` provider is played by a gRPC stand-in, for requests and (network
+/// ext_authz) TCP connections.
 #[test]
-fn live_skips_cases_that_consult_a_grpc_provider() {
-    let o = warden(&["test", "--live", &fixture("live-grpc-authz.test.yaml")]);
+fn live_asks_a_grpc_provider_for_requests_and_connections() {
+    let o = warden(&[
+        "test",
+        "-v",
+        "--live",
+        &fixture("live-grpc-authz.test.yaml"),
+    ]);
     assert_eq!(o.code, 0, "{}\n{}", o.stdout, o.stderr);
-    assert!(
-        o.stdout.contains(
-            "skip  consults the gRPC provider (live: CUSTOM provider \"grpc-authz\" is envoyExtAuthzGrpc, which the proxy does not speak yet)"
-        ),
-        "{}",
-        o.stdout
-    );
     assert_eq!(
         last_line(&o),
-        "1 passed, 0 failed, 1 skipped (live)",
+        "6 passed, 0 failed, 0 skipped (live)",
         "{}",
         o.stdout
     );
+    for seen in [
+        "live: HTTP/1.1 403 from a proxy (\"denied by warden-live ext_authz\")",
+        "live: TCP: the app's banner came back",
+        "live: connection closed without a response",
+    ] {
+        assert!(o.stdout.contains(seen), "{seen}\n{}", o.stdout);
+    }
 }
 
 #[test]

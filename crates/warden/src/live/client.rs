@@ -1,6 +1,8 @@
-//! The two ends a live case puts around the proxies: the app that plays every destination
-//! port (HTTP/1.1 and HTTP/2 answering 200 with a marker header, or, for a TCP probe, a banner
-//! line) and the client that sends one case and turns what comes back into an outcome.
+//! The ends a live case puts around the proxies: the app that plays every destination port
+//! (HTTP/1.1 and HTTP/2 answering 200 with a marker header, or, for a TCP probe, a banner
+//! line), the stand-ins for CUSTOM providers (`envoyExtAuthzHttp` and `envoyExtAuthzGrpc`)
+//! answering as the case says, and the client that sends one case and turns what comes back
+//! into an outcome.
 //!
 //! The app tells a TCP probe from HTTP by its first byte: the probe starts with a lowercase
 //! `w`, which no HTTP/1 method or the HTTP/2 preface does. The marker header and the banner
@@ -30,6 +32,7 @@ use warden_identity::tls::{
 };
 use warden_policy::engine::ExtAuthzAnswer;
 use warden_policy::simulate::HttpSpec;
+use warden_proxy::ext_authz_proto as pb;
 use warden_proxy::outbound::UPSTREAM_FAILURE_BODY;
 
 /// Header the app puts on every response.
@@ -387,6 +390,70 @@ pub(crate) async fn start_ext_authz(
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
+        }
+    });
+    Ok(addr)
+}
+
+/// The `envoyExtAuthzGrpc` stand-in: Envoy's `Authorization/Check` answering what `answer`
+/// holds (OK; PERMISSION_DENIED with a 403 denial; or a failed call, which is an error).
+struct GrpcProvider {
+    answer: Arc<Mutex<ExtAuthzAnswer>>,
+}
+
+#[tonic::async_trait]
+impl pb::authorization_server::Authorization for GrpcProvider {
+    async fn check(
+        &self,
+        _request: tonic::Request<pb::CheckRequest>,
+    ) -> Result<tonic::Response<pb::CheckResponse>, tonic::Status> {
+        let now = *self.answer.lock().unwrap_or_else(|p| p.into_inner());
+        let status = |code, message: &str| {
+            Some(pb::RpcStatus {
+                code,
+                message: message.into(),
+            })
+        };
+        let resp = match now {
+            ExtAuthzAnswer::Allow => pb::CheckResponse {
+                status: status(0, ""),
+                http_response: None,
+            },
+            // PERMISSION_DENIED, with the body the HTTP stand-in sends.
+            ExtAuthzAnswer::Deny => pb::CheckResponse {
+                status: status(7, "denied"),
+                http_response: Some(pb::check_response::HttpResponse::DeniedResponse(
+                    pb::DeniedHttpResponse {
+                        status: Some(pb::HttpStatus { code: 403 }),
+                        headers: Vec::new(),
+                        body: "denied by warden-live ext_authz".into(),
+                    },
+                )),
+            },
+            ExtAuthzAnswer::Error => {
+                return Err(tonic::Status::unavailable("warden-live ext_authz error"))
+            }
+        };
+        Ok(tonic::Response::new(resp))
+    }
+}
+
+/// Starts the `envoyExtAuthzGrpc` stand-in on an ephemeral 127.0.0.1 port, answering as
+/// [`start_ext_authz`] does.
+pub(crate) async fn start_ext_authz_grpc(
+    tasks: &mut JoinSet<()>,
+    answer: Arc<Mutex<ExtAuthzAnswer>>,
+) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind((super::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let server = tonic::transport::Server::builder()
+        .add_service(pb::authorization_server::AuthorizationServer::new(
+            GrpcProvider { answer },
+        ))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tasks.spawn(async move {
+        if let Err(e) = server.await {
+            tracing::debug!(error = %e, "the live ext_authz gRPC stand-in stopped");
         }
     });
     Ok(addr)

@@ -248,20 +248,26 @@ impl World {
         let pki = Pki::new(dir.path(), cfg, &extra)?;
         let mut tasks = JoinSet::new();
 
-        // One provider plays every envoyExtAuthzHttp provider of the mesh config; until a
-        // case sets an answer, it answers with an error (fail closed).
+        // One stand-in per kind plays every ext_authz provider of the mesh config; until a
+        // case sets an answer, they answer with an error (fail closed).
         let ext_authz = Arc::new(Mutex::new(ExtAuthzAnswer::Error));
-        let http_providers: Vec<String> = cfg
-            .mesh
-            .extension_providers
-            .iter()
-            .filter(|p| matches!(&p.ext_authz, Some((ExtAuthzKind::EnvoyExtAuthzHttp, _))))
-            .map(|p| p.name.clone())
-            .collect();
         let mut provider_addrs = BTreeMap::new();
-        if !http_providers.is_empty() {
-            let addr = client::start_ext_authz(&mut tasks, ext_authz.clone()).await?;
-            provider_addrs = http_providers.into_iter().map(|n| (n, addr)).collect();
+        let (mut http_addr, mut grpc_addr) = (None, None);
+        for p in &cfg.mesh.extension_providers {
+            let addr = match &p.ext_authz {
+                Some((ExtAuthzKind::EnvoyExtAuthzHttp, _)) => match http_addr {
+                    Some(a) => a,
+                    None => *http_addr
+                        .insert(client::start_ext_authz(&mut tasks, ext_authz.clone()).await?),
+                },
+                Some((ExtAuthzKind::EnvoyExtAuthzGrpc, _)) => match grpc_addr {
+                    Some(a) => a,
+                    None => *grpc_addr
+                        .insert(client::start_ext_authz_grpc(&mut tasks, ext_authz.clone()).await?),
+                },
+                None => continue,
+            };
+            provider_addrs.insert(p.name.clone(), addr);
         }
 
         // Destinations: the container ports dialed, plus those of their port table.

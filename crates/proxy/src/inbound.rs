@@ -799,11 +799,8 @@ impl ConnCtx {
                     .map(str::to_string)
             })
             .unwrap_or_default();
-        let target = parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
+        let target = request_target(&parts.uri);
+        let target = target.as_ref();
         let mut headers: Vec<(&str, &str)> = Vec::with_capacity(parts.headers.len());
         for (name, value) in &parts.headers {
             if name == header::HOST {
@@ -1217,6 +1214,17 @@ fn status_of(d: &Decision, default: StatusCode) -> StatusCode {
     d.status
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(default)
+}
+
+/// The request target as the client sent it. hyper reads an HTTP/1 target without a leading
+/// `/` (`GET public`) as authority-form and would report the path `/`; Envoy's path checks
+/// see `public` and refuse it (404), so the raw text is what the engine must be given.
+pub(crate) fn request_target(uri: &hyper::Uri) -> std::borrow::Cow<'_, str> {
+    match (uri.scheme(), uri.path_and_query(), uri.authority()) {
+        (None, None, Some(authority)) => std::borrow::Cow::Borrowed(authority.as_str()),
+        (_, Some(pq), _) => std::borrow::Cow::Borrowed(pq.as_str()),
+        _ => std::borrow::Cow::Borrowed("/"),
+    }
 }
 
 /// A CUSTOM provider's denial, passed to the client as it was written.

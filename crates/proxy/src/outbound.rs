@@ -352,6 +352,13 @@ impl Route {
 
     async fn handle_request(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let upstream = self.destination.upstream;
+        // A target without a leading `/` (`GET public`, which hyper reads as authority-form):
+        // Envoy's path checks answer 404 and forward nothing, as the inbound side does.
+        if !crate::inbound::request_target(req.uri()).starts_with('/')
+            && req.method() != hyper::Method::CONNECT
+        {
+            return local_reply(StatusCode::NOT_FOUND, "");
+        }
         let sender = match self.acquire().await {
             Ok(s) => s,
             Err(e) => {

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
@@ -172,8 +173,13 @@ impl EcCurve {
 
 #[derive(Clone, Debug)]
 enum KeyMaterial {
-    Rsa(DecodingKey),
-    Ec { curve: EcCurve, key: DecodingKey },
+    /// The key for jsonwebtoken (PSS), and parsed once for PKCS#1 v1.5 (RS256/384/512), the
+    /// common case: re-building an RSA key per request cost about a third of a JWT request.
+    Rsa(DecodingKey, Arc<RsaPkcs1>),
+    Ec {
+        curve: EcCurve,
+        key: DecodingKey,
+    },
     Oct(DecodingKey),
     Ed25519(DecodingKey),
 }
@@ -337,7 +343,54 @@ fn parse_rsa(obj: &Map<String, Value>, alg: &str) -> Result<KeyMaterial, &'stati
     if n.last().is_none_or(|b| b & 1 == 0) || n.len() > 16384 / 8 {
         return Err(PARSE_ERROR);
     }
-    Ok(KeyMaterial::Rsa(DecodingKey::from_rsa_raw_components(n, e)))
+    Ok(KeyMaterial::Rsa(
+        DecodingKey::from_rsa_raw_components(n, e),
+        Arc::new(RsaPkcs1::new(n, e)),
+    ))
+}
+
+/// An RSA key parsed once per PKCS#1 v1.5 digest, with the parameters jsonwebtoken uses
+/// (2048–8192-bit moduli), so a verification here and there accept exactly the same tokens.
+pub(crate) struct RsaPkcs1 {
+    sha256: Option<aws_lc_rs::signature::ParsedPublicKey>,
+    sha384: Option<aws_lc_rs::signature::ParsedPublicKey>,
+    sha512: Option<aws_lc_rs::signature::ParsedPublicKey>,
+}
+
+impl std::fmt::Debug for RsaPkcs1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RsaPkcs1")
+    }
+}
+
+impl RsaPkcs1 {
+    fn new(n: &[u8], e: &[u8]) -> Self {
+        use aws_lc_rs::signature::{
+            RsaPublicKeyComponents, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384,
+            RSA_PKCS1_2048_8192_SHA512,
+        };
+        let c = RsaPublicKeyComponents { n, e };
+        RsaPkcs1 {
+            sha256: c.to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA256).ok(),
+            sha384: c.to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA384).ok(),
+            sha512: c.to_parsed_public_key(&RSA_PKCS1_2048_8192_SHA512).ok(),
+        }
+    }
+
+    /// `None` when `alg` is not a PKCS#1 v1.5 algorithm (the caller falls back).
+    fn verify(&self, alg: &str, message: &[u8], signature: &[u8]) -> Option<bool> {
+        let key = match alg {
+            "RS256" => &self.sha256,
+            "RS384" => &self.sha384,
+            "RS512" => &self.sha512,
+            _ => return None,
+        };
+        // A key the library refused to parse verifies nothing, as jsonwebtoken would refuse it.
+        Some(
+            key.as_ref()
+                .is_some_and(|k| k.verify_sig(message, signature).is_ok()),
+        )
+    }
 }
 
 fn parse_ec(obj: &Map<String, Value>, alg: &str) -> Result<KeyMaterial, &'static str> {
@@ -1024,7 +1077,7 @@ fn audiences_allowed(configured: &[String], token: &[String]) -> bool {
 /// or a curve/hash mix) can never verify.
 fn verification_alg(jwt_alg: &str, material: &KeyMaterial) -> Option<Algorithm> {
     match material {
-        KeyMaterial::Rsa(_) => match jwt_alg {
+        KeyMaterial::Rsa(..) => match jwt_alg {
             "RS256" => Some(Algorithm::RS256),
             "RS384" => Some(Algorithm::RS384),
             "RS512" => Some(Algorithm::RS512),
@@ -1054,8 +1107,8 @@ fn verification_alg(jwt_alg: &str, material: &KeyMaterial) -> Option<Algorithm> 
 fn verify_signature(jwt: &ParsedJwt<'_>, jwks: &Jwks) -> Result<(), JwtStatus> {
     // Envoy signs over the sections it split out, rejoined with a single dot.
     let signed = format!("{}.{}", jwt.header_b64, jwt.payload_b64);
-    // jsonwebtoken wants the signature in canonical unpadded base64url.
-    let signature = URL_SAFE_NO_PAD.encode(&jwt.signature);
+    // jsonwebtoken wants the signature in canonical unpadded base64url (made only if needed).
+    let mut signature: Option<String> = None;
     let mut kid_alg_matched = false;
     for key in &jwks.keys {
         if !jwt.kid.is_empty() && !key.kid.is_empty() && key.kid != jwt.kid {
@@ -1069,7 +1122,7 @@ fn verify_signature(jwt: &ParsedJwt<'_>, jwks: &Jwks) -> Result<(), JwtStatus> {
         // fails", not "no key to match".
         kid_alg_matched = true;
         let (decoding_key, ed25519) = match &key.material {
-            KeyMaterial::Rsa(k) | KeyMaterial::Ec { key: k, .. } | KeyMaterial::Oct(k) => {
+            KeyMaterial::Rsa(k, _) | KeyMaterial::Ec { key: k, .. } | KeyMaterial::Oct(k) => {
                 (k, false)
             }
             KeyMaterial::Ed25519(k) => (k, true),
@@ -1081,7 +1134,16 @@ fn verify_signature(jwt: &ParsedJwt<'_>, jwks: &Jwks) -> Result<(), JwtStatus> {
         let Some(alg) = verification_alg(&jwt.alg, &key.material) else {
             continue;
         };
-        if jsonwebtoken::crypto::verify(&signature, signed.as_bytes(), decoding_key, alg)
+        if let KeyMaterial::Rsa(_, pkcs1) = &key.material {
+            if let Some(ok) = pkcs1.verify(&jwt.alg, signed.as_bytes(), &jwt.signature) {
+                if ok {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        let signature = signature.get_or_insert_with(|| URL_SAFE_NO_PAD.encode(&jwt.signature));
+        if jsonwebtoken::crypto::verify(signature, signed.as_bytes(), decoding_key, alg)
             .unwrap_or(false)
         {
             return Ok(());

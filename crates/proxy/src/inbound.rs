@@ -40,8 +40,8 @@ use crate::error::ProxyError;
 use crate::ext_authz::{CheckRequest, CheckResult, ExtAuthzClient, HttpCheck};
 use crate::idle::{Activity, Tracked, DEFAULT_IDLE_TIMEOUT};
 use crate::observe::{
-    ConnectionInfo, DecisionSummary, Observer, RequestInfo, RequestProtocol, ResponseFlag,
-    ResponseFlags, TcpInfo, UNKNOWN,
+    ConnectionInfo, DecisionSummary, Observer, Reporter, RequestInfo, RequestProtocol,
+    ResponseFlag, ResponseFlags, TcpInfo, UNKNOWN,
 };
 use crate::ports::{InboundPort, PortProtocol, PortSettings};
 use crate::sniff::{is_http, is_tls, read_until, Rewind, MAX_SNIFF};
@@ -355,6 +355,7 @@ impl InboundProxy {
             destination_principal: None,
             destination_port: port,
             mtls: false,
+            reporter: Reporter::Destination,
         };
         if let Some(why) = mode_refusal(settings.mode, tls) {
             self.report_refused(&info, start, started, first.len() as u64, why);
@@ -1311,9 +1312,9 @@ struct Handled {
 }
 
 /// A request body that counts the bytes the client sent.
-struct Counting<B> {
-    inner: B,
-    count: Arc<AtomicU64>,
+pub(crate) struct Counting<B> {
+    pub(crate) inner: B,
+    pub(crate) count: Arc<AtomicU64>,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Counting<B> {
@@ -1343,28 +1344,28 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counting<B> {
 }
 
 /// Everything needed to report a request once its response is over.
-struct PendingReport {
-    observer: Arc<Observer>,
-    conn: Arc<ConnectionInfo>,
-    start: SystemTime,
-    started: Instant,
-    protocol: RequestProtocol,
-    method: String,
-    authority: String,
-    path: String,
-    status: u16,
-    flags: ResponseFlags,
-    received: Arc<AtomicU64>,
-    summary: DecisionSummary,
+pub(crate) struct PendingReport {
+    pub(crate) observer: Arc<Observer>,
+    pub(crate) conn: Arc<ConnectionInfo>,
+    pub(crate) start: SystemTime,
+    pub(crate) started: Instant,
+    pub(crate) protocol: RequestProtocol,
+    pub(crate) method: String,
+    pub(crate) authority: String,
+    pub(crate) path: String,
+    pub(crate) status: u16,
+    pub(crate) flags: ResponseFlags,
+    pub(crate) received: Arc<AtomicU64>,
+    pub(crate) summary: DecisionSummary,
 }
 
 /// A response body that counts what is sent and reports the request when it is dropped —
 /// after the last byte, or earlier when the client goes away (`DC`).
-struct Reported {
-    inner: ProxyBody,
-    sent: u64,
-    done: bool,
-    report: Option<PendingReport>,
+pub(crate) struct Reported {
+    pub(crate) inner: ProxyBody,
+    pub(crate) sent: u64,
+    pub(crate) done: bool,
+    pub(crate) report: Option<PendingReport>,
 }
 
 impl Body for Reported {

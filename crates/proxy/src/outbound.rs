@@ -12,8 +12,9 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -25,7 +26,7 @@ use hyper_util::server::conn::auto;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 use warden_identity::spiffe::SpiffeId;
 use warden_identity::tls::{
@@ -36,7 +37,11 @@ use warden_identity::tls::{
 use warden_policy::config::{Config, Workload};
 use warden_policy::model::MtlsMode;
 
-use crate::inbound::{ProxyBody, HEADER_READ_TIMEOUT};
+use crate::inbound::{Counting, PendingReport, ProxyBody, Reported, HEADER_READ_TIMEOUT};
+use crate::observe::{
+    ConnectionInfo, DecisionSummary, Observer, Reporter, RequestProtocol, ResponseFlag,
+    ResponseFlags, TcpInfo, UNKNOWN,
+};
 use crate::ports::{port_table, PortProtocol};
 
 /// How long connecting to the upstream may take.
@@ -196,13 +201,44 @@ pub fn destination_for(
 /// The outbound side of one workload's proxy: its identity, shared by every route.
 pub struct OutboundProxy {
     identity: Arc<IdentityState>,
+    /// Where requests and connections are reported (`reporter="source"`), with this
+    /// workload's namespace and name; `None` reports nothing.
+    observer: Option<(Arc<Observer>, String, String)>,
+}
+
+/// What a route's reports say about both ends.
+struct RouteReport {
+    observer: Arc<Observer>,
+    identity: Arc<IdentityState>,
+    /// `(namespace, name)` of this workload and of the destination workload.
+    source: (String, String),
+    destination: (String, String),
 }
 
 impl OutboundProxy {
     /// An outbound proxy presenting the SVID in `identity` and verifying upstreams against its
     /// trust bundle (both read at each handshake, so rotations apply to new connections).
     pub fn new(identity: Arc<IdentityState>) -> Self {
-        OutboundProxy { identity }
+        OutboundProxy {
+            identity,
+            observer: None,
+        }
+    }
+
+    /// Reports every request and TCP connection of every route to `observer` as the source
+    /// (`reporter="source"`), naming this workload `namespace/name`.
+    pub fn with_observer(mut self, observer: Arc<Observer>, namespace: &str, name: &str) -> Self {
+        self.observer = Some((observer, namespace.to_string(), name.to_string()));
+        self
+    }
+
+    /// As [`OutboundProxy::route`], with the destination workload named in reports.
+    pub fn route_to(&self, destination: Destination, namespace: &str, workload: &str) -> Route {
+        let mut route = self.route(destination);
+        if let Some(r) = route.report.as_mut() {
+            r.destination = (namespace.to_string(), workload.to_string());
+        }
+        route
     }
 
     /// Listens on `listen` for the app's connections to `destination`.
@@ -243,6 +279,12 @@ impl OutboundProxy {
             destination,
             tls,
             pool: Pool::default(),
+            report: self.observer.as_ref().map(|(o, ns, name)| RouteReport {
+                observer: o.clone(),
+                identity: self.identity.clone(),
+                source: (ns.clone(), name.clone()),
+                destination: (UNKNOWN.to_string(), UNKNOWN.to_string()),
+            }),
         }
     }
 }
@@ -252,19 +294,20 @@ pub struct Route {
     destination: Destination,
     tls: Option<TlsConnector>,
     pool: Pool,
+    report: Option<RouteReport>,
 }
 
 /// Upstream HTTP connections of one route. One HTTP/2 connection carries every request once
 /// it exists; HTTP/1.1 connections go back to the idle list when their response is done.
 #[derive(Default)]
 struct Pool {
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
-    idle_h1: Mutex<Vec<http1::SendRequest<Incoming>>>,
+    h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    idle_h1: Mutex<Vec<http1::SendRequest<ProxyBody>>>,
 }
 
 enum Sender {
-    H1(http1::SendRequest<Incoming>),
-    H2(http2::SendRequest<Incoming>),
+    H1(http1::SendRequest<ProxyBody>),
+    H2(http2::SendRequest<ProxyBody>),
 }
 
 /// A stream to the upstream, TLS or not.
@@ -321,11 +364,63 @@ impl Route {
     }
 
     async fn serve_tcp(&self, mut app: TcpStream) -> Result<(), OutboundError> {
+        let conn = self.connection_info(&app);
+        let start = SystemTime::now();
+        let started = Instant::now();
+        if let (Some(r), Some(c)) = (&self.report, &conn) {
+            r.observer.on_tcp_open(c);
+        }
         // Any failure drops `app`, which closes it: the app sees the connection end, as
         // Envoy's TCP proxy does when the upstream cannot be reached.
-        let (mut upstream, _) = self.connect().await?;
-        tokio::io::copy_bidirectional(&mut app, &mut upstream).await?;
-        Ok(())
+        let result = async {
+            let (mut upstream, _) = self.connect().await?;
+            Ok::<_, OutboundError>(tokio::io::copy_bidirectional(&mut app, &mut upstream).await?)
+        }
+        .await;
+        if let (Some(r), Some(c)) = (&self.report, &conn) {
+            let (flags, (from_app, to_app)) = match &result {
+                Ok(bytes) => (ResponseFlags::NONE, *bytes),
+                Err(_) => (ResponseFlag::UpstreamConnectionFailure.into(), (0, 0)),
+            };
+            r.observer.on_tcp_close(
+                &TcpInfo {
+                    conn: c,
+                    start,
+                    response_flags: flags,
+                    bytes_received: from_app,
+                    bytes_sent: to_app,
+                    duration: started.elapsed(),
+                },
+                &DecisionSummary::local("-", "reported by the source; the destination decides"),
+            );
+        }
+        result.map(|_| ())
+    }
+
+    /// What reports say about one app connection (`None` when this route reports nothing).
+    fn connection_info(&self, app: &TcpStream) -> Option<ConnectionInfo> {
+        let r = self.report.as_ref()?;
+        let id = self.destination_principal();
+        Some(ConnectionInfo {
+            source_principal: r.identity.svid_id().map(|i| i.to_string()),
+            source_workload: Some(r.source.1.clone()),
+            source_addr: app
+                .peer_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            destination_workload: r.destination.1.clone(),
+            destination_namespace: r.destination.0.clone(),
+            destination_principal: id,
+            destination_port: self.destination.upstream.port(),
+            mtls: matches!(self.destination.security, Security::Mtls(_)),
+            reporter: Reporter::Source,
+        })
+    }
+
+    fn destination_principal(&self) -> Option<String> {
+        match &self.destination.security {
+            Security::Mtls(id) => Some(id.to_string()),
+            Security::Plaintext => None,
+        }
     }
 
     async fn serve_http(self: Arc<Self>, app: TcpStream) {
@@ -341,16 +436,90 @@ impl Route {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(crate::inbound::MAX_REQUEST_HEADERS as u32);
+        let conn = self.connection_info(&app).map(Arc::new);
         let service = hyper::service::service_fn(move |req| {
             let route = self.clone();
-            async move { Ok::<_, Infallible>(route.handle_request(req).await) }
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(route.handle_request(req, conn).await) }
         });
         if let Err(e) = builder.serve_connection(TokioIo::new(app), service).await {
             tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
         }
     }
 
-    async fn handle_request(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Forwards one request and, when this route reports, reports it once its response has
+    /// been sent (`reporter="source"`, no policy decision: the destination decides).
+    async fn handle_request(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Option<Arc<ConnectionInfo>>,
+    ) -> Response<ProxyBody> {
+        let (Some(r), Some(conn)) = (&self.report, conn) else {
+            return self.clone().forward_request(req.map(BodyExt::boxed)).await;
+        };
+        let observer = r.observer.clone();
+        let start = SystemTime::now();
+        let started = Instant::now();
+        let received = Arc::new(AtomicU64::new(0));
+        let (parts, body) = req.into_parts();
+        let method = parts.method.as_str().to_string();
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let path = crate::inbound::request_target(&parts.uri).into_owned();
+        let grpc = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let body = Counting {
+            inner: body,
+            count: received.clone(),
+        }
+        .boxed();
+        let resp = self.forward_request(Request::from_parts(parts, body)).await;
+        let (rparts, rbody) = resp.into_parts();
+        let flags = if rparts.extensions.get::<UpstreamFailure>().is_some() {
+            ResponseFlag::UpstreamConnectionFailure.into()
+        } else {
+            ResponseFlags::NONE
+        };
+        let report = PendingReport {
+            observer,
+            conn,
+            start,
+            started,
+            protocol: if grpc {
+                RequestProtocol::Grpc
+            } else {
+                RequestProtocol::Http
+            },
+            method,
+            authority,
+            path,
+            status: rparts.status.as_u16(),
+            flags,
+            received,
+            summary: DecisionSummary::local("-", "reported by the source; the destination decides"),
+        };
+        let body = Reported {
+            inner: rbody,
+            sent: 0,
+            done: false,
+            report: Some(report),
+        };
+        Response::from_parts(rparts, body.boxed())
+    }
+
+    async fn forward_request(self: Arc<Self>, req: Request<ProxyBody>) -> Response<ProxyBody> {
         let upstream = self.destination.upstream;
         // A target without a leading `/` (`GET public`, which hyper reads as authority-form):
         // Envoy's path checks answer 404 and forward nothing, as the inbound side does.
@@ -363,7 +532,7 @@ impl Route {
             Ok(s) => s,
             Err(e) => {
                 log_failure(upstream, &e);
-                return local_reply(StatusCode::SERVICE_UNAVAILABLE, UPSTREAM_FAILURE_BODY);
+                return upstream_failure();
             }
         };
         let (parts, body) = req.into_parts();
@@ -447,7 +616,7 @@ impl Route {
             }
             Err(e) => {
                 tracing::warn!(upstream = %upstream, error = %e, "upstream request failed");
-                local_reply(StatusCode::SERVICE_UNAVAILABLE, UPSTREAM_FAILURE_BODY)
+                upstream_failure()
             }
         }
     }
@@ -552,6 +721,16 @@ pub fn log_failure(upstream: SocketAddr, e: &OutboundError) {
         }
         _ => tracing::debug!(upstream = %upstream, error = %e, "outbound connection closed"),
     }
+}
+
+/// Marks a 503 this proxy answered because the upstream failed (`UF` in reports).
+#[derive(Clone, Copy)]
+struct UpstreamFailure;
+
+fn upstream_failure() -> Response<ProxyBody> {
+    let mut resp = local_reply(StatusCode::SERVICE_UNAVAILABLE, UPSTREAM_FAILURE_BODY);
+    resp.extensions_mut().insert(UpstreamFailure);
+    resp
 }
 
 fn local_reply(status: StatusCode, body: &str) -> Response<ProxyBody> {

@@ -65,6 +65,7 @@ fn conn(mtls: bool) -> ConnectionInfo {
         destination_principal: mtls.then(|| SERVER.to_string()),
         destination_port: 8080,
         mtls,
+        reporter: Default::default(),
     }
 }
 

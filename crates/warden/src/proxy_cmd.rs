@@ -398,6 +398,21 @@ fn parse_outbound(s: &str) -> Result<Outbound, String> {
 /// The route for one `--outbound` flag under `cfg`: the Service port's destination with auto
 /// mTLS, the same for every workload the Service selects (one upstream address cannot tell
 /// them apart, so they must agree).
+/// The workload an `--outbound` Service selects, for reports (`destination_workload`): the
+/// first in configuration order, or the Service's name when it selects none.
+fn destination_workload(cfg: &Config, o: &Outbound) -> (String, String) {
+    let name = cfg
+        .workloads
+        .iter()
+        .find(|wl| {
+            cfg.services_selecting(wl)
+                .any(|s| s.namespace() == o.namespace && s.name() == o.service)
+        })
+        .map(|wl| wl.name.clone())
+        .unwrap_or_else(|| o.service.clone());
+    (o.namespace.clone(), name)
+}
+
 fn resolve_outbound(cfg: &Config, o: &Outbound) -> Result<Destination, String> {
     let target = o.target();
     let Some(svc) = cfg
@@ -711,7 +726,8 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             );
             listeners.push(l);
         }
-        let outbound = OutboundProxy::new(identity.clone());
+        let outbound =
+            OutboundProxy::new(identity.clone()).with_observer(observer.clone(), ns, name);
         let mut routes = Vec::new();
         for (o, d) in a.outbound.iter().zip(destinations) {
             let listener = TcpListener::bind(o.listen)
@@ -726,7 +742,8 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
                 protocol = ?d.protocol,
                 "outbound listening"
             );
-            let route = Arc::new(ArcSwap::from_pointee(outbound.route(d)));
+            let (dns, dname) = destination_workload(&first.config, o);
+            let route = Arc::new(ArcSwap::from_pointee(outbound.route_to(d, &dns, &dname)));
             routes.push((o.clone(), route.clone(), listener));
         }
         let mut captures = None;
@@ -836,7 +853,8 @@ fn update_routes(
                     protocol = ?d.protocol,
                     "outbound route changed"
                 );
-                route.store(Arc::new(outbound.route(d)));
+                let (dns, dname) = destination_workload(cfg, o);
+                route.store(Arc::new(outbound.route_to(d, &dns, &dname)));
             }
             Err(e) => tracing::warn!(
                 target: "warden::proxy",

@@ -693,8 +693,11 @@ fn warden_proxy_two_hops_outbound_mtls_to_inbound_with_authorization() {
         &[
             "--outbound".into(),
             format!("127.0.0.1:0=foo/httpbin:8000@{inbound}"),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
         ],
     ));
+    let admin_addr = addr_in(&sleep.wait_for("admin listening"));
     let line = sleep.wait_for("outbound listening");
     assert!(
         line.contains("security=mTLS:spiffe://cluster.local/ns/foo/sa/httpbin"),
@@ -706,6 +709,26 @@ fn warden_proxy_two_hops_outbound_mtls_to_inbound_with_authorization() {
     // Allowed: GET from sleep's identity, which reaches the app in XFCC.
     let (status, body) = http(outbound, "GET", "/get");
     assert_eq!(status, 200, "{body}");
+    // The client side reports it too, as Istio's source sidecar does.
+    let (_, metrics) = admin(admin_addr, "GET", "/stats/prometheus");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"source\""))
+        .unwrap_or_else(|| panic!("no source-reported request in:\n{metrics}"));
+    for label in [
+        "source_workload=\"sleep\"",
+        "source_principal=\"spiffe://cluster.local/ns/foo/sa/sleep\"",
+        "destination_workload=\"httpbin\"",
+        "destination_principal=\"spiffe://cluster.local/ns/foo/sa/httpbin\"",
+        "response_code=\"200\"",
+        "connection_security_policy=\"unknown\"",
+    ] {
+        assert!(line.contains(label), "{label} missing in {line}");
+    }
+    assert!(
+        !metrics.contains("warden_authz_decisions_total{"),
+        "the source decided nothing, yet a policy counter moved:\n{metrics}"
+    );
     assert!(
         body.contains("URI=spiffe://cluster.local/ns/foo/sa/sleep"),
         "{body}"

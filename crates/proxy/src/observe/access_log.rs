@@ -22,6 +22,9 @@ pub const DEFAULT_ACCESS_LOG_CAPACITY: usize = 8192;
 pub struct AccessLogEntry {
     /// Start of the request or connection, RFC 3339 in UTC with milliseconds.
     pub time: String,
+    /// `destination` (inbound: this proxy decided) or `source` (outbound: the app's call).
+    #[serde(default)]
+    pub reporter: super::Reporter,
     /// `http`, `grpc` or `tcp`.
     pub protocol: RequestProtocol,
     /// The peer's SPIFFE ID; `null` for plaintext.
@@ -102,6 +105,7 @@ impl AccessLogEntry {
         let policy: Option<&PolicyRef> = decision.policy.as_ref();
         AccessLogEntry {
             time: rfc3339_millis(start),
+            reporter: conn.reporter,
             protocol,
             source_principal: conn.source_principal.clone(),
             source_address: conn.source_addr.to_string(),

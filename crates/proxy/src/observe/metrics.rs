@@ -1,5 +1,6 @@
-//! Prometheus metrics with Istio's standard names and labels, reported as the destination
-//! (`reporter="destination"`), plus Warden's per-policy authorization counters.
+//! Prometheus metrics with Istio's standard names and labels, reported by the destination
+//! (inbound, `reporter="destination"`) and by the source (outbound, `reporter="source"`), plus
+//! Warden's per-policy authorization counters (inbound decisions only).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,7 +8,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::{ConnectionInfo, DecisionSummary, RequestInfo, RequestProtocol, TcpInfo, UNKNOWN};
+use super::{
+    ConnectionInfo, DecisionSummary, Reporter, RequestInfo, RequestProtocol, TcpInfo, UNKNOWN,
+};
 
 /// Istio's default buckets for `istio_request_duration_milliseconds`.
 pub const ISTIO_DURATION_BUCKETS_MS: [f64; 19] = [
@@ -163,7 +166,7 @@ impl Metrics {
     pub(crate) fn record_request(&self, req: &RequestInfo<'_>, decision: &DecisionSummary) {
         let c = req.conn;
         let labels = RequestLabels {
-            reporter: "destination",
+            reporter: c.reporter.as_str(),
             source_principal: principal(c.source_principal.as_deref()),
             source_workload: c.source_workload.as_deref().unwrap_or(UNKNOWN).to_string(),
             source_workload_namespace: c.source_namespace().unwrap_or(UNKNOWN).to_string(),
@@ -179,7 +182,9 @@ impl Metrics {
         self.duration
             .get_or_create(&labels)
             .observe(req.duration.as_secs_f64() * 1000.0);
-        self.record_decision(decision);
+        if c.reporter == Reporter::Destination {
+            self.record_decision(decision);
+        }
     }
 
     pub(crate) fn record_tcp_open(&self, conn: &ConnectionInfo) {
@@ -195,7 +200,9 @@ impl Metrics {
         self.tcp_received
             .get_or_create(&labels)
             .inc_by(tcp.bytes_received);
-        self.record_decision(decision);
+        if tcp.conn.reporter == Reporter::Destination {
+            self.record_decision(decision);
+        }
     }
 
     fn record_decision(&self, decision: &DecisionSummary) {
@@ -246,7 +253,10 @@ fn principal(p: Option<&str>) -> String {
 }
 
 fn security_policy(c: &ConnectionInfo) -> &'static str {
-    if c.mtls {
+    // Istio's client sidecars report `unknown`: the policy is the server's to state.
+    if c.reporter == Reporter::Source {
+        "unknown"
+    } else if c.mtls {
         "mutual_tls"
     } else {
         "none"
@@ -255,7 +265,7 @@ fn security_policy(c: &ConnectionInfo) -> &'static str {
 
 fn tcp_labels(c: &ConnectionInfo, response_flags: String) -> TcpLabels {
     TcpLabels {
-        reporter: "destination",
+        reporter: c.reporter.as_str(),
         source_principal: principal(c.source_principal.as_deref()),
         source_workload: c.source_workload.as_deref().unwrap_or(UNKNOWN).to_string(),
         source_workload_namespace: c.source_namespace().unwrap_or(UNKNOWN).to_string(),

@@ -58,6 +58,27 @@ pub enum ObserveError {
 /// Value Istio puts in a label it cannot fill.
 pub const UNKNOWN: &str = "unknown";
 
+/// Which side of a request a report comes from, as Istio's `reporter` label says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reporter {
+    /// The server's sidecar (inbound): decides and reports every request it serves.
+    #[default]
+    Destination,
+    /// The client's sidecar (outbound): reports what the app sent and what came back; it
+    /// decides nothing, so no policy counter moves.
+    Source,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Destination => "destination",
+            Reporter::Source => "source",
+        }
+    }
+}
+
 /// Facts about one inbound connection, fixed when it is accepted (and, for mTLS, after the
 /// handshake). Built once per connection and borrowed by every request on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +95,7 @@ pub struct ConnectionInfo {
     pub destination_port: u16,
     /// Whether the connection was mutual TLS (`connection_security_policy="mutual_tls"`).
     pub mtls: bool,
+    pub reporter: Reporter,
 }
 
 impl ConnectionInfo {

@@ -197,6 +197,42 @@ struct Jwk {
 #[derive(Clone, Debug, Default)]
 pub struct Jwks {
     keys: Vec<Jwk>,
+    /// Tokens (signed part and signature, byte for byte) whose signature one of these keys
+    /// verified. Only the signature check is remembered: issuer, time, audience and every
+    /// other check still run on each request. Shared by clones, which hold the same keys.
+    verified: Arc<VerifiedTokens>,
+}
+
+/// A bounded memory of verified signatures. RSA verification is most of a JWT request's
+/// cost, and clients resend the same token for its whole lifetime.
+#[derive(Debug, Default)]
+struct VerifiedTokens(std::sync::Mutex<std::collections::HashSet<Box<[u8]>>>);
+
+/// Enough for every client of a busy workload; when full the memory starts again, so a
+/// stream of distinct valid tokens costs at most this much memory.
+const VERIFIED_TOKENS_MAX: usize = 4096;
+
+impl VerifiedTokens {
+    fn key(signed: &str, signature: &[u8]) -> Box<[u8]> {
+        let mut k = Vec::with_capacity(signed.len() + 1 + signature.len());
+        k.extend_from_slice(signed.as_bytes());
+        k.push(b'.');
+        k.extend_from_slice(signature);
+        k.into_boxed_slice()
+    }
+
+    fn contains(&self, key: &[u8]) -> bool {
+        self.0.lock().map(|set| set.contains(key)).unwrap_or(false)
+    }
+
+    fn insert(&self, key: Box<[u8]>) {
+        if let Ok(mut set) = self.0.lock() {
+            if set.len() >= VERIFIED_TOKENS_MAX {
+                set.clear();
+            }
+            set.insert(key);
+        }
+    }
 }
 
 impl Jwks {
@@ -228,7 +264,10 @@ impl Jwks {
                 reason: first_error.unwrap_or("[keys] is empty").to_string(),
             });
         }
-        Ok(Jwks { keys })
+        Ok(Jwks {
+            keys,
+            verified: Arc::default(),
+        })
     }
 
     /// True when any key carries private parts (`d`, `p` or `q`), which a published JWKS
@@ -1107,6 +1146,16 @@ fn verification_alg(jwt_alg: &str, material: &KeyMaterial) -> Option<Algorithm> 
 fn verify_signature(jwt: &ParsedJwt<'_>, jwks: &Jwks) -> Result<(), JwtStatus> {
     // Envoy signs over the sections it split out, rejoined with a single dot.
     let signed = format!("{}.{}", jwt.header_b64, jwt.payload_b64);
+    let remembered = VerifiedTokens::key(&signed, &jwt.signature);
+    if jwks.verified.contains(&remembered) {
+        return Ok(());
+    }
+    verify_with_keys(jwt, jwks, &signed)?;
+    jwks.verified.insert(remembered);
+    Ok(())
+}
+
+fn verify_with_keys(jwt: &ParsedJwt<'_>, jwks: &Jwks, signed: &str) -> Result<(), JwtStatus> {
     // jsonwebtoken wants the signature in canonical unpadded base64url (made only if needed).
     let mut signature: Option<String> = None;
     let mut kid_alg_matched = false;
@@ -1345,6 +1394,44 @@ MC4CAQAwBQYDK2VwBCIEIFbTMmPmYKj7W/k2UB9XS/4NCicQqNSllZJKFU4mKDVD
             JwtOutcome::Verified(v) => v,
             other => panic!("expected Verified, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_remembered_signature_skips_no_other_check() {
+        let providers = [provider(ISS)];
+        let token = rs256(&claims());
+        // Verified once (and remembered), then again from memory.
+        for _ in 0..2 {
+            assert!(matches!(
+                run(&providers, &bearer(&token), None),
+                JwtOutcome::Verified(_)
+            ));
+        }
+        // The same token later: still expired, memory or not.
+        let auth = format!("Bearer {token}");
+        let headers = [("authorization", auth.as_str())];
+        let req = TokenRequest {
+            method: "GET",
+            headers: &headers,
+            query: None,
+        };
+        assert_eq!(
+            status_of(&authenticate(&providers, &req, NOW + 7200)),
+            Some(JwtStatus::Expired)
+        );
+        // Another signature over the same header and payload is checked, not remembered.
+        let (signed, _) = token.rsplit_once('.').unwrap();
+        let forged = format!("{signed}.{}", b64(&[7u8; 256]));
+        assert_eq!(
+            status_of(&run(&providers, &bearer(&forged), None)),
+            Some(JwtStatus::VerificationFail)
+        );
+        // A key set parsed anew (a config change) remembers nothing from the old one.
+        let fresh = [provider(ISS)];
+        assert!(matches!(
+            run(&fresh, &bearer(&token), None),
+            JwtOutcome::Verified(_)
+        ));
     }
 
     #[test]

@@ -562,52 +562,44 @@ spec:
     to: [{operation: {methods: ["GET"]}}]
 "#;
 
-/// An HTTP/1.1 app answering every request with 200 and the `x-forwarded-client-cert` it
-/// received as the body; keeps connections alive, as the proxy pools them.
-fn xfcc_app() -> SocketAddr {
+/// An HTTP/1.1 app on loopback that keeps connections alive (the proxy pools them) and answers
+/// each request with `reply(head)`, where `head` is the request line and headers as received
+/// (a request body, sized by `content-length`, is read and dropped).
+fn keep_alive_app(reply: impl Fn(&str) -> String + Send + Sync + 'static) -> SocketAddr {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let addr = l.local_addr().unwrap();
+    let reply = std::sync::Arc::new(reply);
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
+            let reply = reply.clone();
             std::thread::spawn(move || {
                 let _ = s.set_read_timeout(Some(WAIT));
                 let mut w = s.try_clone().unwrap();
                 let mut r = BufReader::new(s);
                 loop {
-                    let mut xfcc = String::new();
+                    let mut head = String::new();
                     let mut length = 0usize;
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
                     loop {
-                        line.clear();
+                        let mut line = String::new();
                         if r.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
-                        let l = line.trim_end();
-                        if l.is_empty() {
+                        if line.trim_end().is_empty() {
                             break;
                         }
-                        if let Some((k, v)) = l.split_once(':') {
-                            let k = k.trim().to_ascii_lowercase();
-                            if k == "x-forwarded-client-cert" {
-                                xfcc = v.trim().to_string();
-                            } else if k == "content-length" {
+                        if let Some((k, v)) = line.trim_end().split_once(':') {
+                            if k.trim().eq_ignore_ascii_case("content-length") {
                                 length = v.trim().parse().unwrap_or(0);
                             }
                         }
+                        head.push_str(&line);
                     }
                     let mut body = vec![0u8; length];
                     if r.read_exact(&mut body).is_err() {
                         return;
                     }
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{xfcc}",
-                        xfcc.len()
-                    );
-                    if w.write_all(reply.as_bytes()).is_err() {
+                    if w.write_all(reply(&head).as_bytes()).is_err() {
                         return;
                     }
                 }
@@ -615,6 +607,23 @@ fn xfcc_app() -> SocketAddr {
         }
     });
     addr
+}
+
+/// An app answering every request with 200 and the `x-forwarded-client-cert` it received as
+/// the body.
+fn xfcc_app() -> SocketAddr {
+    keep_alive_app(|head| {
+        let xfcc = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-forwarded-client-cert"))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{xfcc}",
+            xfcc.len()
+        )
+    })
 }
 
 /// One HTTP/1.1 request with `Connection: close`: status and body.
@@ -1157,85 +1166,33 @@ spec:
 
 /// An ext_authz HTTP server: allows requests carrying `x-ext-authz: allow` (telling the proxy
 /// `x-user: alice`), answers 500 for paths under `/check/api/boom`, denies the rest with its
-/// own body and headers. Sends each check request's head to `seen`.
+/// own body and headers. Sends each check request's head (lowercased) to `seen`.
 fn ext_authz_server(seen: mpsc::Sender<String>) -> SocketAddr {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { return };
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(WAIT));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line.trim_end().is_empty() {
-                            break;
-                        }
-                        head.push_str(&line.to_ascii_lowercase());
-                    }
-                    let reply = if head.contains("\r\nx-ext-authz: allow\r\n") {
-                        "HTTP/1.1 200 OK\r\nx-user: alice\r\nx-other: no\r\ncontent-length: 0\r\n\r\n".to_string()
-                    } else if head.starts_with("get /check/api/boom") {
-                        "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n"
-                            .to_string()
-                    } else {
-                        let body = "denied by ext authz";
-                        format!("HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\nx-secret: no\r\ncontent-length: {}\r\n\r\n{body}", body.len())
-                    };
-                    let _ = seen.send(head);
-                    if w.write_all(reply.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    let seen = std::sync::Mutex::new(seen);
+    keep_alive_app(move |head| {
+        let head = head.to_ascii_lowercase();
+        let reply = if head.contains("\r\nx-ext-authz: allow\r\n") {
+            "HTTP/1.1 200 OK\r\nx-user: alice\r\nx-other: no\r\ncontent-length: 0\r\n\r\n"
+                .to_string()
+        } else if head.starts_with("get /check/api/boom") {
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n".to_string()
+        } else {
+            let body = "denied by ext authz";
+            format!("HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\nx-secret: no\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+        };
+        let _ = seen.lock().unwrap().send(head);
+        reply
+    })
 }
 
 /// An HTTP/1.1 app answering 200 with the request's headers as its body.
 fn headers_app() -> SocketAddr {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { return };
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(WAIT));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line.trim_end().is_empty() {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
-                    let reply = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}",
-                        head.len()
-                    );
-                    if w.write_all(reply.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    keep_alive_app(|head| {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{head}",
+            head.len()
+        )
+    })
 }
 
 /// One HTTP/1.1 GET with extra headers: status, response head, body.

@@ -103,6 +103,24 @@ pub struct PeerInfo {
     pub client_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
+/// The workload identity of a client whose chain the handshake verified: the leaf's one
+/// SPIFFE ID, refused for a CA certificate or once the leaf has expired (a connection can
+/// outlive its certificate, so services check again for each request).
+pub fn client_identity(
+    chain: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<SpiffeId, String> {
+    let leaf = chain.first().ok_or("empty client certificate chain")?;
+    let info = leaf_info(leaf).map_err(|e| format!("client certificate: {e}"))?;
+    if info.is_ca {
+        return Err("client certificate is a CA certificate, not a workload certificate".into());
+    }
+    if now >= info.not_after {
+        return Err(format!("client certificate of {} has expired", info.id));
+    }
+    Ok(info.id)
+}
+
 /// Options of [`CaServer::start`].
 #[derive(Clone)]
 pub struct CaServerOptions {
@@ -144,6 +162,18 @@ impl CaServer {
         signer: Arc<S>,
         opts: CaServerOptions,
     ) -> Result<CaServer, ServiceError> {
+        Self::start_with(listener, signer, opts, tonic::service::Routes::default()).await
+    }
+
+    /// [`CaServer::start`], also serving `extra` gRPC services on the same TLS port (the
+    /// control plane's configuration stream, as istiod serves xDS beside its CA). Requests of
+    /// every service carry the connection's [`PeerInfo`] in their extensions.
+    pub async fn start_with<S: CertSigner>(
+        listener: TcpListener,
+        signer: Arc<S>,
+        opts: CaServerOptions,
+        extra: tonic::service::Routes,
+    ) -> Result<CaServer, ServiceError> {
         let local_addr = listener.local_addr()?;
         let td = signer.trust_domain();
         ca_identity(&td)?;
@@ -179,6 +209,11 @@ impl CaServer {
         let serve = tokio::spawn(
             tonic::transport::Server::builder()
                 .timeout(Duration::from_secs(30))
+                // Streams of idle proxies must not look dead to load balancers or NAT; pings
+                // also find peers that vanished without closing their connection.
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .add_routes(extra)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::ReceiverStream::new(conn_rx),
@@ -528,25 +563,7 @@ impl<S: CertSigner> CaService<S> {
         chain: &[CertificateDer<'static>],
         now: SystemTime,
     ) -> Result<SpiffeId, Status> {
-        let leaf = chain
-            .first()
-            .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
-        let info = leaf_info(leaf)
-            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
-        if info.is_ca {
-            return Err(Status::unauthenticated(
-                "client certificate is a CA certificate, not a workload certificate",
-            ));
-        }
-        // The handshake checked validity when the connection opened; a connection can outlive
-        // its certificate, so check again for each request.
-        if now >= info.not_after {
-            return Err(Status::unauthenticated(format!(
-                "client certificate of {} has expired",
-                info.id
-            )));
-        }
-        Ok(info.id)
+        client_identity(chain, now).map_err(Status::unauthenticated)
     }
 
     /// Runs a token-store operation off the async threads (it reads, fsyncs and renames a

@@ -24,9 +24,19 @@ fn attaches(
     target_refs: bool,
     selector: Option<&WorkloadSelector>,
 ) -> bool {
-    (ns == wl.namespace || ns == cfg.mesh.root_namespace)
-        && !target_refs
-        && selects(selector, &wl.labels)
+    attaches_in(&cfg.mesh.root_namespace, wl, ns, target_refs, selector)
+}
+
+/// [`attaches`] with the root namespace given, for callers that index policies by namespace
+/// (the control plane) and must apply exactly the rule the engine applies.
+pub fn attaches_in(
+    root_namespace: &str,
+    wl: &Workload,
+    ns: &str,
+    target_refs: bool,
+    selector: Option<&WorkloadSelector>,
+) -> bool {
+    (ns == wl.namespace || ns == root_namespace) && !target_refs && selects(selector, &wl.labels)
 }
 
 /// AuthorizationPolicies that apply to a sidecar workload.

@@ -121,7 +121,7 @@ pub struct FolderSource {
 }
 
 /// Names, sizes and modification times of every file a load reads.
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+pub type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 impl FolderSource {
     /// A source for workload `namespace/workload` reading `paths` (files or folders, folders
@@ -257,34 +257,6 @@ fn load(
             }
         }
     }
-    let (cfg, diags) = loader.finish();
-    let validation = warden_policy::validate::validate(&cfg);
-    let errors: Vec<String> = diags
-        .iter()
-        .chain(validation.iter())
-        .filter(|d| d.is_error())
-        .map(|d| d.to_string())
-        .collect();
-    if !errors.is_empty() {
-        return (fp, Err(errors));
-    }
-    let (ns, name) = target;
-    let Some(wl) = cfg.workload(ns, name) else {
-        return (
-            fp,
-            Err(vec![format!(
-                "workload {ns}/{name} is not in the configuration ({} file(s) read); this proxy serves only it",
-                files.len()
-            )]),
-        );
-    };
-    let policy = match jwks {
-        Some(resolve) if has_remote_keys(&cfg) => {
-            Arc::new(WorkloadPolicy::compile(&cfg, wl, resolve(&cfg).as_ref()))
-        }
-        _ => Arc::new(WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly)),
-    };
-    let ports = port_table(&cfg, wl);
     let origin = format!(
         "{} ({} file(s))",
         paths
@@ -294,16 +266,48 @@ fn load(
             .join(", "),
         files.len()
     );
-    let config = Arc::new(cfg);
-    (
-        fp,
-        Ok(WorkloadConfig {
-            config,
-            policy,
-            ports,
-            origin,
-        }),
-    )
+    (fp, compile_workload(loader, target, jwks, origin))
+}
+
+/// Finishes `loader`, validates the whole, and compiles the policy and port table of
+/// `target` (namespace, workload): the configuration, or every reason it is refused. The
+/// control plane's stream source builds its configurations through this too.
+pub fn compile_workload(
+    loader: Loader,
+    target: &(String, String),
+    jwks: Option<&JwksResolver>,
+    origin: String,
+) -> Result<WorkloadConfig, Vec<String>> {
+    let (cfg, diags) = loader.finish();
+    let validation = warden_policy::validate::validate(&cfg);
+    let errors: Vec<String> = diags
+        .iter()
+        .chain(validation.iter())
+        .filter(|d| d.is_error())
+        .map(|d| d.to_string())
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let (ns, name) = target;
+    let Some(wl) = cfg.workload(ns, name) else {
+        return Err(vec![format!(
+            "workload {ns}/{name} is not in the configuration ({origin}); this proxy serves only it"
+        )]);
+    };
+    let policy = match jwks {
+        Some(resolve) if has_remote_keys(&cfg) => {
+            Arc::new(WorkloadPolicy::compile(&cfg, wl, resolve(&cfg).as_ref()))
+        }
+        _ => Arc::new(WorkloadPolicy::compile(&cfg, wl, &InlineJwksOnly)),
+    };
+    let ports = port_table(&cfg, wl);
+    Ok(WorkloadConfig {
+        config: Arc::new(cfg),
+        policy,
+        ports,
+        origin,
+    })
 }
 
 /// Whether any JWT rule has keys that must be fetched (no inline `jwks`).
@@ -314,7 +318,8 @@ fn has_remote_keys(cfg: &Config) -> bool {
         .any(|r| r.jwks.is_empty())
 }
 
-fn fingerprint(paths: &[PathBuf], mesh: Option<&Path>) -> Fingerprint {
+/// What the files under `paths` (and `mesh`) look like now: a change is a difference.
+pub fn fingerprint(paths: &[PathBuf], mesh: Option<&Path>) -> Fingerprint {
     let mut files = collect_all(paths).unwrap_or_default();
     // The named paths themselves too: a folder that vanishes, or a named file that appears,
     // is a change.
@@ -331,7 +336,7 @@ fn fingerprint(paths: &[PathBuf], mesh: Option<&Path>) -> Fingerprint {
 }
 
 /// Every file under `paths` the loader reads, in a stable order, each once.
-fn collect_all(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+pub fn collect_all(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for p in paths {

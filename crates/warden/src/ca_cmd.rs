@@ -135,7 +135,7 @@ fn identity(s: &str, td: &str) -> Result<SpiffeId> {
 }
 
 fn duration(flag: &str, s: &str) -> Result<Duration> {
-    crate::jwks_fetch::parse_go_duration(s)
+    warden_control::jwks::parse_go_duration(s)
         .filter(|d| !d.is_zero())
         .ok_or_else(|| {
             anyhow::anyhow!("{flag} \"{s}\" is not a duration such as 10m, 24h or 1h30m")

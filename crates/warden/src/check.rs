@@ -7,7 +7,8 @@ use clap::{Args, ValueEnum};
 use warden_policy::engine::{ExtAuthzAnswer, Outcome};
 use warden_policy::simulate::{simulate_with, Client, Connection, HttpSpec, Scenario, SimError};
 
-use crate::{input, jwks_fetch, render, ConfigArgs, Format};
+use crate::{input, render, ConfigArgs, Format};
+use warden_control::jwks as jwks_fetch;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ExtAuthzArg {

@@ -13,7 +13,7 @@ mod check;
 mod describe;
 mod input;
 mod iptables_cmd;
-mod jwks_fetch;
+
 mod live;
 mod proxy_cmd;
 mod proxy_identity;

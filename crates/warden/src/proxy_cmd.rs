@@ -35,8 +35,8 @@ use warden_proxy::outbound::{
 };
 use warden_proxy::source::{follow, FolderSource, SourceEvent};
 
-use crate::jwks_fetch;
 use crate::proxy_identity::IdentitySource;
+use warden_control::jwks as jwks_fetch;
 use warden_proxy::InboundProxy;
 
 /// `warden proxy --help`: what the command does, beyond each flag.

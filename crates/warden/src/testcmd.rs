@@ -13,7 +13,8 @@ use warden_policy::engine::ExtAuthzAnswer;
 use warden_policy::simulate::{simulate_with, Client, Connection, HttpSpec, Scenario, Verdict};
 use warden_policy::source::parse_documents;
 
-use crate::{check, input, jwks_fetch, live, render};
+use crate::{check, input, live, render};
+use warden_control::jwks as jwks_fetch;
 
 #[derive(Args)]
 pub struct TestArgs {

@@ -1,4 +1,7 @@
-//! Resolves the verification keys of RequestAuthentication `jwtRules` for the offline tools.
+//! Resolves the verification keys of RequestAuthentication `jwtRules`: for the offline tools,
+//! for `warden proxy` reading a folder, and for the control plane, which inlines the fetched
+//! documents into the RequestAuthentications it serves (as istiod inlines them into Envoy's
+//! configuration).
 //!
 //! Owns Warden's only outbound HTTP(S) client: inline `jwks` is used as is; otherwise the
 //! `jwksUri` (or, without one, the JWKS named by the issuer's OIDC discovery document) is
@@ -38,17 +41,25 @@ const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x
 /// Keys resolved for every rule of a [`Config`] that needs fetching.
 pub struct Fetched {
     keys: HashMap<Target, KeySource>,
+    /// The documents behind `keys`' `Inline` entries, as fetched.
+    texts: HashMap<Target, String>,
 }
 
 impl Fetched {
     /// Fetches every distinct target of `cfg` concurrently, each bounded by its rules' timeout,
     /// and prints one warning line to stderr per target that could not be fetched.
     pub fn for_config(cfg: &Config) -> Self {
+        Self::for_rules(
+            cfg.request_authentications
+                .iter()
+                .flat_map(|p| p.spec.jwt_rules.iter().flatten()),
+        )
+    }
+
+    /// [`Fetched::for_config`] for some rules only (the control plane fetches the targets it
+    /// has no keys for yet, and refreshes the others on its own schedule).
+    pub fn for_rules<'a>(rules: impl Iterator<Item = &'a JwtRule>) -> Self {
         let mut jobs: BTreeMap<Target, Job> = BTreeMap::new();
-        let rules = cfg
-            .request_authentications
-            .iter()
-            .flat_map(|p| p.spec.jwt_rules.iter().flatten());
         for rule in rules {
             if !rule.jwks.is_empty() {
                 continue;
@@ -68,6 +79,7 @@ impl Fetched {
             fetch_all(&jobs)
         };
         let mut keys = HashMap::new();
+        let mut texts = HashMap::new();
         for (target, job) in jobs {
             let result = results.remove(&target).unwrap_or_else(|| {
                 Err(FetchError {
@@ -76,7 +88,10 @@ impl Fetched {
                 })
             });
             let source = match result {
-                Ok(jwks) => KeySource::Inline(jwks),
+                Ok((jwks, text)) => {
+                    texts.insert(target.clone(), text);
+                    KeySource::Inline(jwks)
+                }
                 Err(err) => {
                     eprintln!(
                         "warden: warning: jwksUri {}: {}; tokens for issuer {} will be rejected",
@@ -91,8 +106,33 @@ impl Fetched {
             };
             keys.insert(target, source);
         }
-        Fetched { keys }
+        Fetched { keys, texts }
     }
+
+    /// Every target that was fetched, by [`target_key`], with the JWKS document or why it
+    /// could not be had.
+    pub fn documents(&self) -> BTreeMap<String, Result<String, String>> {
+        self.keys
+            .iter()
+            .map(|(target, source)| {
+                let doc = match (self.texts.get(target), source) {
+                    (Some(text), _) => Ok(text.clone()),
+                    (None, KeySource::Unavailable { reason }) => Err(reason.clone()),
+                    (None, _) => Err("not fetched".to_string()),
+                };
+                (target.key(), doc)
+            })
+            .collect()
+    }
+}
+
+/// Where a rule without inline `jwks` gets its keys: its `jwksUri`, or `discovery:ISSUER`
+/// for OIDC discovery. `None` for a rule with inline keys or nothing to fetch.
+pub fn target_key(rule: &JwtRule) -> Option<String> {
+    if !rule.jwks.is_empty() {
+        return None;
+    }
+    Target::of(rule).map(|t| t.key())
 }
 
 impl JwksSource for Fetched {
@@ -180,6 +220,13 @@ impl Target {
         }
     }
 
+    fn key(&self) -> String {
+        match self {
+            Target::Uri(uri) => uri.clone(),
+            Target::Discovery(issuer) => format!("discovery:{issuer}"),
+        }
+    }
+
     /// The first URI fetched for this target, for messages.
     fn first_uri(&self) -> String {
         match self {
@@ -229,7 +276,7 @@ fn rule_timeout(rule: &JwtRule) -> Duration {
 }
 
 /// Go's `time.ParseDuration`, the format Istio's API uses; negative durations are `None`.
-pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
     let text = text.strip_prefix('+').unwrap_or(text);
     if text == "0" {
         return Some(Duration::ZERO);
@@ -261,7 +308,7 @@ pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds).ok()
 }
 
-fn fetch_all(jobs: &BTreeMap<Target, Job>) -> HashMap<Target, Result<Jwks, FetchError>> {
+fn fetch_all(jobs: &BTreeMap<Target, Job>) -> HashMap<Target, Result<(Jwks, String), FetchError>> {
     // The CLI is synchronous; a private current-thread runtime keeps tokio out of its design
     // while still letting one slow server overlap with the others.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -314,7 +361,11 @@ struct Deadline {
     budget: Duration,
 }
 
-async fn resolve(client: &Client, target: &Target, deadline: Deadline) -> Result<Jwks, FetchError> {
+async fn resolve(
+    client: &Client,
+    target: &Target,
+    deadline: Deadline,
+) -> Result<(Jwks, String), FetchError> {
     match target {
         Target::Uri(uri) => fetch_jwks(client, uri, deadline).await,
         Target::Discovery(issuer) => {
@@ -336,7 +387,11 @@ async fn resolve(client: &Client, target: &Target, deadline: Deadline) -> Result
     }
 }
 
-async fn fetch_jwks(client: &Client, uri: &str, deadline: Deadline) -> Result<Jwks, FetchError> {
+async fn fetch_jwks(
+    client: &Client,
+    uri: &str,
+    deadline: Deadline,
+) -> Result<(Jwks, String), FetchError> {
     let fail = |what: String| FetchError {
         uri: uri.to_string(),
         what,
@@ -345,7 +400,9 @@ async fn fetch_jwks(client: &Client, uri: &str, deadline: Deadline) -> Result<Jw
     let text = std::str::from_utf8(&body).map_err(|_| fail("response is not UTF-8".into()))?;
     // Envoy treats a fetched document it cannot use as a failed fetch, not as a key set with
     // no valid keys, hence Unavailable rather than Invalid.
-    Jwks::parse(text).map_err(|e| fail(format!("response is not a usable JWKS: {e}")))
+    let jwks =
+        Jwks::parse(text).map_err(|e| fail(format!("response is not a usable JWKS: {e}")))?;
+    Ok((jwks, text.to_string()))
 }
 
 async fn get(client: &Client, uri: &str, deadline: Deadline) -> Result<Bytes, String> {

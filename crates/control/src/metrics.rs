@@ -40,12 +40,9 @@ impl Metrics {
             pushed_resources: Counter::default(),
             acks: Counter::default(),
             nacks: Counter::default(),
-            push_ack_seconds: Histogram::new(
-                [
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]
-                .into_iter(),
-            ),
+            push_ack_seconds: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
             registry: Registry::default(),
         };
         registry.register(

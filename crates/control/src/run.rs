@@ -195,6 +195,14 @@ impl Running {
         }
     }
 
+    /// Re-issues the TLS port's own certificate and reloads its roots (after a root
+    /// rotation of the CA folder).
+    pub fn reload_ca_certificate(&self) {
+        if let Some(s) = &self.server {
+            s.reload_certificate();
+        }
+    }
+
     /// Stops serving: the port closes, open streams end.
     pub async fn shutdown(mut self) {
         for t in &self.tasks {

@@ -10,6 +10,7 @@ macro_rules! say {
 
 mod ca_cmd;
 mod check;
+mod control_cmd;
 mod describe;
 mod input;
 mod iptables_cmd;
@@ -78,6 +79,9 @@ enum Command {
     /// Run the proxy for one workload, inbound and outbound (explicit or transparent capture) until Ctrl-C.
     #[command(long_about = proxy_cmd::LONG_ABOUT)]
     Proxy(Box<proxy_cmd::ProxyCommand>),
+    /// Run the control plane: configuration stream and CA for `warden proxy --control-plane`.
+    #[command(long_about = control_cmd::LONG_ABOUT)]
+    Control(control_cmd::ControlArgs),
 }
 
 #[derive(Args)]
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
         Command::Ca(c) => ca_cmd::run_ca(c),
         Command::Cert(c) => ca_cmd::run_cert(c),
         Command::Proxy(a) => proxy_cmd::run_command(a, cli.verbose),
+        Command::Control(a) => control_cmd::run(a, cli.verbose),
     };
     match result {
         Ok(code) => code,

@@ -20,6 +20,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use arc_swap::ArcSwap;
 use clap::{Args, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
+use warden_control::client::{ControlSource, StreamOptions};
 use warden_identity::spiffe::SpiffeId;
 use warden_policy::config::Config;
 use warden_proxy::capture::{
@@ -33,7 +34,9 @@ use warden_proxy::observe::{
 use warden_proxy::outbound::{
     destination_for, log_failure, Destination, OutboundProxy, Route, Security,
 };
-use warden_proxy::source::{follow, FolderSource, SourceEvent};
+use warden_proxy::source::{
+    follow, log_refused, ConfigSource, FolderSource, SourceEvent, WorkloadConfig,
+};
 
 use crate::proxy_identity::IdentitySource;
 use warden_control::jwks as jwks_fetch;
@@ -124,8 +127,35 @@ pub fn run_command(c: &ProxyCommand, verbose: bool) -> Result<ExitCode> {
 #[derive(Args)]
 pub struct ProxyArgs {
     /// Configuration: a YAML/JSON file or a folder (read recursively, watched). Repeatable.
-    #[arg(short = 'f', long = "filename", value_name = "PATH", required = true)]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "PATH",
+        required_unless_present = "control_plane"
+    )]
     files: Vec<PathBuf>,
+    /// Follow the control plane at HOST:PORT (`warden control`) instead of files: the
+    /// certificate comes from its CA (with --ca-token-file the first time), then the
+    /// configuration from its stream; nothing listens before both have arrived.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["files", "mesh", "cert", "key", "ca_addr"])]
+    control_plane: Option<String>,
+    /// With --control-plane: the service account the workload runs as (its certificate's
+    /// identity; the control plane refuses a proxy whose workload runs as another).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "default",
+        requires = "control_plane"
+    )]
+    service_account: String,
+    /// With --control-plane: the mesh's trust domain.
+    #[arg(
+        long,
+        value_name = "DOMAIN",
+        default_value = "cluster.local",
+        requires = "control_plane"
+    )]
+    trust_domain: String,
     /// A MeshConfig file (overrides the `istio` ConfigMap in istio-system); watched too.
     #[arg(long, value_name = "FILE")]
     mesh: Option<PathBuf>,
@@ -145,7 +175,7 @@ pub struct ProxyArgs {
         long,
         value_name = "FILE",
         requires = "key",
-        required_unless_present = "ca_addr"
+        required_unless_present_any = ["ca_addr", "control_plane"]
     )]
     cert: Option<PathBuf>,
     /// The certificate's private key (PEM, PKCS#8).
@@ -160,10 +190,10 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["cert", "key"])]
     ca_addr: Option<String>,
     /// The bootstrap token for the first certificate (`warden ca token`), read at each use.
-    #[arg(long, value_name = "FILE", requires = "ca_addr")]
+    #[arg(long, value_name = "FILE")]
     ca_token_file: Option<PathBuf>,
     /// Certificate lifetime to ask the CA for (default: the CA's, 24h).
-    #[arg(long, value_name = "DURATION", requires = "ca_addr", value_parser = parse_refresh)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_refresh)]
     cert_ttl: Option<std::time::Duration>,
     /// Serve the admin endpoints on this loopback address (port 0 picks a free port; the
     /// `admin listening` log line says which).
@@ -568,10 +598,17 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
             bail!("--outbound: listen address {} is given twice", o.listen);
         }
     }
-    let identity_source = match (&a.ca_addr, &a.cert, &a.key) {
+    if (a.ca_token_file.is_some() || a.cert_ttl.is_some())
+        && a.ca_addr.is_none()
+        && a.control_plane.is_none()
+    {
+        bail!("--ca-token-file and --cert-ttl are for certificates from a CA: add --ca-addr or --control-plane");
+    }
+    let ca_addr = a.ca_addr.clone().or_else(|| a.control_plane.clone());
+    let identity_source = match (&ca_addr, &a.cert, &a.key) {
         (Some(addr), _, _) => {
             if a.ca_token_file.is_none() {
-                bail!("--ca-addr needs --ca-token-file: a new workload has no certificate to renew, so its first one needs a bootstrap token (`warden ca token NS/SA`)");
+                bail!("--ca-addr and --control-plane need --ca-token-file: a new workload has no certificate to renew, so its first one needs a bootstrap token (`warden ca token NS/SA`)");
             }
             IdentitySource::Ca {
                 addr: addr.clone(),
@@ -588,50 +625,34 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         _ => bail!("give either --cert and --key, or --ca-addr"),
     };
     let (ns, name) = &a.workload;
-    let mut source = FolderSource::new(a.files.clone(), a.mesh.clone(), ns, name)
-        .with_jwks(jwks_fetch::proxy_resolver(), a.jwks_refresh);
-    let first = source
-        .load_now()
-        .map_err(|reasons| anyhow!("the configuration is refused:\n  {}", reasons.join("\n  ")))?;
-    let wl = first
-        .config
-        .workload(ns, name)
-        .ok_or_else(|| anyhow!("workload {ns}/{name} is not in the configuration"))?;
-    let own_id = SpiffeId::new(
-        &first.config.mesh.trust_domain,
-        &wl.namespace,
-        &wl.service_account,
-    )
-    .map_err(|e| anyhow!("workload {ns}/{name}: {e}"))?;
-    let prepared = identity_source.prepare(&own_id)?;
-    let mut served = BTreeMap::new();
-    if let Some(t) = &transparent {
-        // Every workload port, forwarded to the pod IP as Istio ≥ 1.10 does.
-        for (port, settings) in &first.ports {
-            served.insert(*port, settings.with_app(SocketAddr::new(t.pod_ip, *port)));
+    // From files, the first configuration is loaded now and names the workload's service
+    // account; from the control plane it arrives once the certificate has.
+    let (mut folder, own_id) = match &a.control_plane {
+        None => {
+            let mut source = FolderSource::new(a.files.clone(), a.mesh.clone(), ns, name)
+                .with_jwks(jwks_fetch::proxy_resolver(), a.jwks_refresh);
+            let first = source.load_now().map_err(|reasons| {
+                anyhow!("the configuration is refused:\n  {}", reasons.join("\n  "))
+            })?;
+            let wl = first
+                .config
+                .workload(ns, name)
+                .ok_or_else(|| anyhow!("workload {ns}/{name} is not in the configuration"))?;
+            let own_id = SpiffeId::new(
+                &first.config.mesh.trust_domain,
+                &wl.namespace,
+                &wl.service_account,
+            )
+            .map_err(|e| anyhow!("workload {ns}/{name}: {e}"))?;
+            (Some((source, first)), own_id)
         }
-    }
-    for i in &a.inbound {
-        let Some(settings) = first.ports.get(&i.port) else {
-            let known: Vec<String> = first.ports.keys().map(u16::to_string).collect();
-            bail!(
-                "--inbound {}: workload {ns}/{name} has no port {} (its ports: {})",
-                i.port,
-                i.port,
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            );
-        };
-        served.insert(i.port, settings.with_app(i.app));
-    }
-    let mut destinations = Vec::new();
-    for o in &a.outbound {
-        destinations.push(resolve_outbound(&first.config, o).map_err(|e| anyhow!(e))?);
-    }
-
+        Some(_) => {
+            let own_id = SpiffeId::new(&a.trust_domain, ns, &a.service_account)
+                .map_err(|e| anyhow!("--workload/--service-account/--trust-domain: {e}"))?;
+            (None, own_id)
+        }
+    };
+    let prepared = identity_source.prepare(&own_id)?;
     let access_log = if a.access_log == "off" {
         None
     } else if a.access_log == "-" {
@@ -663,6 +684,28 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let identity = prepared.start().await;
+        let (source, first) = match folder.take() {
+            Some((source, first)) => (AnySource::Folder(source), first),
+            None => {
+                let addr = a.control_plane.clone().unwrap_or_default();
+                let mut source = ControlSource::spawn(StreamOptions::new(
+                    &addr,
+                    ns,
+                    name,
+                    identity.clone(),
+                ));
+                tracing::info!(target: "warden::config", control_plane = %addr, "waiting for the first configuration");
+                let first = loop {
+                    match source.next().await {
+                        Some(SourceEvent::Config(c)) => break c,
+                        Some(SourceEvent::Refused(reasons)) => log_refused(&reasons),
+                        None => bail!("the control plane stream ended before the first configuration"),
+                    }
+                };
+                (AnySource::Control(source), first)
+            }
+        };
+        let (served, destinations) = plan(a, &first, transparent.as_ref())?;
         let store = Arc::new(ArcSwap::new(first.policy.clone()));
         let mut inbound = InboundProxy::new(store, identity.clone(), served)
             .with_observer(observer.clone())
@@ -834,6 +877,57 @@ fn run(a: &ProxyArgs, verbose: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The inbound ports served and the outbound routes, from the first configuration.
+type Plan = (BTreeMap<u16, warden_proxy::InboundPort>, Vec<Destination>);
+
+fn plan(a: &ProxyArgs, first: &WorkloadConfig, transparent: Option<&Transparent>) -> Result<Plan> {
+    let (ns, name) = &a.workload;
+    let mut served = BTreeMap::new();
+    if let Some(t) = transparent {
+        // Every workload port, forwarded to the pod IP as Istio ≥ 1.10 does.
+        for (port, settings) in &first.ports {
+            served.insert(*port, settings.with_app(SocketAddr::new(t.pod_ip, *port)));
+        }
+    }
+    for i in &a.inbound {
+        let Some(settings) = first.ports.get(&i.port) else {
+            let known: Vec<String> = first.ports.keys().map(u16::to_string).collect();
+            bail!(
+                "--inbound {}: workload {ns}/{name} has no port {} (its ports: {})",
+                i.port,
+                i.port,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        served.insert(i.port, settings.with_app(i.app));
+    }
+    let mut destinations = Vec::new();
+    for o in &a.outbound {
+        destinations.push(resolve_outbound(&first.config, o).map_err(|e| anyhow!(e))?);
+    }
+
+    Ok((served, destinations))
+}
+
+/// Either configuration source, so one `follow` serves both.
+enum AnySource {
+    Folder(FolderSource),
+    Control(ControlSource),
+}
+
+impl warden_proxy::source::ConfigSource for AnySource {
+    async fn next(&mut self) -> Option<SourceEvent> {
+        match self {
+            AnySource::Folder(s) => s.next().await,
+            AnySource::Control(s) => s.next().await,
+        }
+    }
+}
+
 /// Re-derives every outbound route from a newly applied configuration. A route that no longer
 /// resolves keeps the one in force (a bad change never replaces a good route) and says why.
 fn update_routes(
@@ -864,7 +958,7 @@ fn update_routes(
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -890,7 +984,7 @@ struct StderrLog {
 
 /// Installs the stderr logger; the returned level (a `LogLevel as u8`) can be changed at any
 /// time.
-fn install_logger(start: LogLevel) -> Arc<AtomicU8> {
+pub(crate) fn install_logger(start: LogLevel) -> Arc<AtomicU8> {
     let max = Arc::new(AtomicU8::new(start as u8));
     // Fails only if a logger is already installed, which then keeps logging.
     let _ = tracing::subscriber::set_global_default(StderrLog { max: max.clone() });

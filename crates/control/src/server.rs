@@ -72,6 +72,10 @@ pub struct ProxyEntry {
     pub nack: Option<(String, String, SystemTime)>,
     /// Why nothing is sent to it (its workload is not in the configuration).
     pub waiting: Option<String>,
+    /// The last generation that concerned it, and the last its stream looked at: it is
+    /// settled when it has looked at every change that concerned it and has nothing in flight.
+    pub woken: u64,
+    pub seen: u64,
     notify: Arc<Notify>,
 }
 
@@ -141,7 +145,7 @@ impl ControlPlane {
         self.snapshot.store(Some(Arc::new(snap)));
         self.metrics.config_generation.set(generation as i64);
         self.metrics.configs_accepted.inc();
-        let woken = self.wake(&change);
+        let woken = self.wake(&change, generation);
         tracing::info!(
             target: "warden::control",
             generation,
@@ -176,20 +180,26 @@ impl ControlPlane {
         }
     }
 
-    fn wake(&self, change: &Change) -> usize {
-        let Ok(reg) = self.registry.lock() else {
+    fn wake(&self, change: &Change, generation: u64) -> usize {
+        let Ok(mut reg) = self.registry.lock() else {
             return 0;
         };
         let mut n = 0;
+        let Registry {
+            proxies,
+            by_namespace,
+        } = &mut *reg;
         if change.all {
-            for p in reg.proxies.values() {
+            for p in proxies.values_mut() {
+                p.woken = generation;
                 p.notify.notify_one();
                 n += 1;
             }
         } else {
             for ns in &change.namespaces {
-                for id in reg.by_namespace.get(ns).into_iter().flatten() {
-                    if let Some(p) = reg.proxies.get(id) {
+                for id in by_namespace.get(ns).into_iter().flatten() {
+                    if let Some(p) = proxies.get_mut(id) {
+                        p.woken = generation;
                         p.notify.notify_one();
                         n += 1;
                     }
@@ -233,6 +243,16 @@ impl ControlPlane {
                 f(p);
             }
         }
+    }
+
+    /// Whether every connected proxy has been sent every change that concerns it and has
+    /// answered (ACK or NACK).
+    pub fn settled(&self) -> bool {
+        self.registry.lock().is_ok_and(|r| {
+            r.proxies
+                .values()
+                .all(|p| p.seen >= p.woken && p.pending.is_none())
+        })
     }
 
     /// The connected proxies, sorted by workload.
@@ -402,6 +422,8 @@ async fn run_stream(
         pending: None,
         nack: None,
         waiting: None,
+        woken: cp.snapshot().map_or(0, |s| s.generation),
+        seen: 0,
         notify: notify.clone(),
     });
     let _registered = Registered { cp: cp.clone(), id };
@@ -423,7 +445,9 @@ async fn run_stream(
     loop {
         if dirty && in_flight.is_none() {
             dirty = false;
-            if let Some(snap) = cp.snapshot() {
+            let now = cp.snapshot();
+            let looked_at = now.as_ref().map(|s| s.generation);
+            if let Some(snap) = now {
                 match snap.config.workload(&ns, &name) {
                     None => {
                         let why = format!(
@@ -480,6 +504,10 @@ async fn run_stream(
                         }
                     }
                 }
+            }
+            // Looked at (and anything to send is pending): settled once answered.
+            if let Some(generation) = looked_at {
+                cp.update(id, |p| p.seen = p.seen.max(generation));
             }
         }
         let permit_deadline = in_flight

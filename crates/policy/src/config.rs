@@ -640,6 +640,17 @@ mod tests {
         l.finish()
     }
 
+    /// Regression: `annotations:` with no value (YAML null) was refused, though the API
+    /// server accepts it as an empty map.
+    #[test]
+    fn null_labels_and_annotations_are_empty_maps() {
+        let (cfg, diags) = load(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n  labels:\n  annotations:\n",
+        );
+        assert!(diags.iter().all(|d| !d.is_error()), "{diags:?}");
+        assert!(cfg.namespaces["a"].labels.is_empty());
+    }
+
     #[test]
     fn lists_defaults_and_skips() {
         let (cfg, diags) = load(

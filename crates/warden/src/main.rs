@@ -11,6 +11,7 @@ macro_rules! say {
 mod ca_cmd;
 mod check;
 mod control_cmd;
+mod demo;
 mod describe;
 mod input;
 mod iptables_cmd;
@@ -20,6 +21,7 @@ mod proxy_cmd;
 mod proxy_identity;
 mod render;
 mod testcmd;
+mod up;
 
 use std::process::ExitCode;
 
@@ -82,6 +84,12 @@ enum Command {
     /// Run the control plane: configuration stream and CA for `warden proxy --control-plane`.
     #[command(long_about = control_cmd::LONG_ABOUT)]
     Control(control_cmd::ControlArgs),
+    /// Run a whole mesh on this machine: control plane and a sidecar per local workload.
+    #[command(long_about = up::LONG_ABOUT)]
+    Up(up::UpArgs),
+    /// A bookinfo-style mesh in one process, taken through Istio's security guides.
+    #[command(long_about = demo::LONG_ABOUT)]
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -153,6 +161,8 @@ fn main() -> ExitCode {
         Command::Cert(c) => ca_cmd::run_cert(c),
         Command::Proxy(a) => proxy_cmd::run_command(a, cli.verbose),
         Command::Control(a) => control_cmd::run(a, cli.verbose),
+        Command::Up(a) => up::run(a, cli.verbose),
+        Command::Demo(a) => demo::run(a, cli.verbose),
     };
     match result {
         Ok(code) => code,

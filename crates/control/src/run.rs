@@ -3,10 +3,10 @@
 //! over by the caller) and the JWKS keeper.
 //!
 //! JWKS: a target is fetched when a configuration first needs it, again every
-//! `jwks_refresh`, and every [`JWKS_RETRY`] while it has never been fetched. A failed refresh
-//! keeps the last good document; a target never fetched is served without keys, so its
-//! tokens are refused (fail closed). The SSRF guard of [`crate::jwks`] refuses link-local and
-//! cloud-metadata addresses.
+//! `jwks_refresh`, and every [`JWKS_RETRY`] (or `jwks_refresh`, if shorter) while it has
+//! never been fetched. A failed refresh keeps the last good document; a target never fetched
+//! is served without keys, so its tokens are refused (fail closed). The SSRF guard of
+//! [`crate::jwks`] refuses link-local and cloud-metadata addresses.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -323,7 +323,8 @@ async fn refresh_jwks(cp: Arc<ControlPlane>, keeper: Arc<Mutex<Keeper>>, refresh
                 .iter()
                 .map(|t| match k.fetched_at.get(t) {
                     Some(at) => refresh.saturating_sub(at.elapsed()),
-                    None => JWKS_RETRY,
+                    // Never later than a fetched target would be refreshed.
+                    None => JWKS_RETRY.min(refresh),
                 })
                 .min()
                 .unwrap_or(refresh)

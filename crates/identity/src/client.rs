@@ -615,15 +615,21 @@ impl CertClient {
                 Ok((svid, bundle)) => {
                     failures = 0;
                     last_error.clear();
-                    let lifetime = svid
-                        .not_after
-                        .duration_since(svid.not_before)
-                        .unwrap_or_default();
-                    // At 45–55 % of the lifetime, but never sooner than a backoff step, so that a
-                    // CA handing out very short or skewed certificates cannot make us spin.
-                    let renew_at = svid.not_before + lifetime.mul_f64(0.45 + 0.1 * random_unit());
+                    // Never sooner than a backoff step, so that a CA handing out very short or
+                    // skewed certificates cannot make us spin.
+                    let renew_at = renewal_time(
+                        svid.not_before,
+                        svid.not_after,
+                        now,
+                        0.45 + 0.1 * random_unit(),
+                    );
                     next_attempt = renew_at.max(now + self.cfg.backoff_initial);
-                    tracing::info!(id = %svid.id, not_after = ?svid.not_after, "new certificate");
+                    tracing::info!(
+                        id = %svid.id,
+                        not_after = %crate::inspect::rfc3339(svid.not_after),
+                        renew_at = %crate::inspect::rfc3339(next_attempt),
+                        "new certificate"
+                    );
                     self.bundle.send_if_modified(|b| {
                         let changed = *b != bundle;
                         if changed {
@@ -664,6 +670,21 @@ impl CertClient {
             }
         }
     }
+}
+
+/// When to renew a certificate received at `now`: at `fraction` of the lifetime left from
+/// when it became usable. CAs back-date `not_before` (Warden's by 5 minutes, for clock skew),
+/// so measuring from `not_before` would put a short certificate's renewal in the past the
+/// moment it arrives, and the client would renew it in a loop.
+pub fn renewal_time(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+    fraction: f64,
+) -> SystemTime {
+    let start = not_before.max(now);
+    let usable = not_after.duration_since(start).unwrap_or_default();
+    start + usable.mul_f64(fraction)
 }
 
 /// `initial` doubled per consecutive failure up to `max`, less up to 20 % jitter so that
@@ -830,6 +851,21 @@ pub async fn drive_identity_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    /// Regression: a 1-minute certificate back-dated 5 minutes was renewed at once, again and
+    /// again (its half-life measured from `not_before` had already passed on arrival).
+    fn renewal_is_measured_from_arrival_for_back_dated_certificates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let not_before = now - Duration::from_secs(300);
+        let not_after = now + Duration::from_secs(60);
+        let at = renewal_time(not_before, not_after, now, 0.5);
+        assert_eq!(at, now + Duration::from_secs(30));
+        // A certificate that is not yet valid counts from its not_before.
+        let later = now + Duration::from_secs(100);
+        let at = renewal_time(later, later + Duration::from_secs(100), now, 0.5);
+        assert_eq!(at, later + Duration::from_secs(50));
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_with_bounded_jitter() {

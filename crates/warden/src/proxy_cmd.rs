@@ -67,6 +67,12 @@ refused and the current certificate stays. With --ca-addr instead of --cert/--ke
 certificate comes from `warden ca serve`: a key made in memory, a CSR sent with the bootstrap \
 token of --ca-token-file, renewal at about half the lifetime with the current certificate, and \
 the CA's trust bundle; no listener opens before the first certificate arrives.\n\n\
+With --control-plane HOST:PORT (`warden control`) instead of -f, both come from the control \
+plane: the certificate from its CA (--ca-token-file the first time, --service-account and \
+--trust-domain name the identity), then the workload's configuration from its stream, applied \
+whole and ACKed, or NACKed and ignored. Nothing listens before both have arrived. While the \
+control plane is away the proxy keeps enforcing its last configuration and serving with its \
+current certificate, and reconnects with backoff.\n\n\
 Log lines on stderr include `listening`, `outbound listening`, `admin listening`, `config applied`, `config refused`, \
 `certificate rotated` and one decision line per request or TCP connection. The JSON access \
 log (one line per request or TCP connection) goes to --access-log. With --admin, a loopback \

@@ -30,6 +30,9 @@ use crate::proto::config_discovery_client::ConfigDiscoveryClient;
 use crate::proto::{ConfigRequest, ConfigResponse};
 use crate::snapshot::MESH_OVERRIDE_KEY;
 
+/// The largest response accepted: the server's own limit.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
 /// Connecting and each first response are bounded by this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -235,7 +238,9 @@ async fn session(
         .send(first)
         .await
         .map_err(|_| "request channel closed".to_string())?;
+    // A large mesh's first sync is one message; the server allows up to 256 MiB.
     let mut stream = ConfigDiscoveryClient::new(channel)
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
         .stream(ReceiverStream::new(req_rx))
         .await
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
@@ -375,7 +380,7 @@ impl FakeProxy {
             })
             .await;
         let mut stream = ConfigDiscoveryClient::new(channel)
-            .max_decoding_message_size(256 * 1024 * 1024)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .stream(ReceiverStream::new(req_rx))
             .await
             .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?

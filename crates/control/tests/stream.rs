@@ -359,3 +359,37 @@ async fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Regression: a first sync larger than tonic's default 4 MiB receive limit never reached a
+/// real proxy (the stream failed and was retried forever), though the server sends up to
+/// 256 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_proxy_source_takes_a_first_sync_larger_than_4_mib() {
+    use warden_control::client::{ControlSource, StreamOptions};
+    use warden_proxy::source::{ConfigSource, SourceEvent};
+    // One policy with ~5 MiB of paths.
+    let mut big = String::from(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: big\n  namespace: a\nspec:\n  selector:\n    matchLabels:\n      app: wl-a\n  rules:\n  - to:\n    - operation:\n        paths:\n",
+    );
+    let filler = "x".repeat(90);
+    for i in 0..55_000 {
+        big.push_str(&format!("        - /{filler}/{i}\n"));
+    }
+    let m = mesh(texts(&[("big.yaml", big)])).await;
+    let id = SpiffeId::new("cluster.local", "a", "sa-a").unwrap();
+    let identity = warden_control::local::identity(&m.ca, &id).expect("identity");
+    let mut source = ControlSource::spawn(StreamOptions::new(
+        &m.running.addr.to_string(),
+        "a",
+        "wl-a",
+        identity,
+    ));
+    let first = tokio::time::timeout(Duration::from_secs(60), source.next())
+        .await
+        .expect("the first configuration in time")
+        .expect("the source runs");
+    match first {
+        SourceEvent::Config(c) => assert_eq!(c.policy.authz.policies.len(), 1),
+        SourceEvent::Refused(r) => panic!("refused: {r:?}"),
+    }
+}

@@ -264,7 +264,7 @@ impl LocalMesh {
                 .mint(&id, Duration::from_secs(60), 1)
                 .map_err(|e| anyhow!("minting a bootstrap token for {id}: {e}"))?;
             let token_file = ca_dir.join(format!("token-{}-{}", wl.namespace, wl.name));
-            std::fs::write(&token_file, token)
+            write_private(&token_file, &token)
                 .with_context(|| format!("writing {}", token_file.display()))?;
             let log = logs(&wl);
             let (addr, bundle) = (addr.clone(), bundle_path.clone());
@@ -333,6 +333,22 @@ impl LocalMesh {
     pub async fn settle(&self, limit: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
+            // A NACK newer than what a sidecar ACKed means the step is not in force there.
+            for p in self.control.cp.proxies() {
+                if let Some((version, error, _)) = &p.nack {
+                    let newer = match (&p.acked, version.parse::<u64>()) {
+                        (Some(a), Ok(v)) => a.parse::<u64>().map_or(true, |a| v > a),
+                        _ => true,
+                    };
+                    if newer {
+                        bail!(
+                            "the sidecar of {}/{} refused configuration version {version}: {error}",
+                            p.namespace,
+                            p.workload
+                        );
+                    }
+                }
+            }
             if self.control.cp.settled() {
                 let acked: HashMap<String, Option<String>> = self
                     .control
@@ -452,6 +468,19 @@ async fn start_sidecar(
         ports: Mutex::new(summary),
         tasks,
     })
+}
+
+/// Writes a secret readable by this user only (a bootstrap token must not be redeemable by
+/// another local user first).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 /// The control-plane version in a configuration's origin ("control plane ADDR version N").
@@ -581,4 +610,24 @@ pub fn print_summary(mesh: &LocalMesh) {
     }
     out.push_str("Ctrl-C stops.\n");
     eprint!("{out}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: bootstrap tokens were written world-readable (0644), so another local user
+    /// could redeem one first and get that workload's certificate.
+    #[test]
+    fn bootstrap_tokens_are_written_for_this_user_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = std::env::temp_dir().join(format!("warden-up-token-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        write_private(&p, "secret").unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        let text = std::fs::read_to_string(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        assert_eq!(mode, 0o600);
+        assert_eq!(text, "secret");
+    }
 }

@@ -5,8 +5,14 @@
 //!
 //! Also turns an accepted set into [`Entry`]s, inlining fetched JWKS documents into the
 //! RequestAuthentications whose keys come from a `jwksUri` or OIDC discovery.
+//!
+//! A [`ParseCache`] keeps, per file, the documents parsed from its text and the body each
+//! becomes on the wire, so a reload re-parses and re-serializes only the files whose text
+//! changed (in a mesh of 10,000 policies a change is one file; parsing and serializing every
+//! file again dominated the cost of a push). Validation still runs over the whole set: a
+//! change in one file can break a reference from another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,21 +21,110 @@ use serde_json::Value;
 use warden_policy::config::{Config, Loader};
 use warden_policy::source::{parse_documents, Document};
 
-use crate::snapshot::{classify, expand_lists, Entry, Layer, MESH_OVERRIDE_KEY};
+use crate::snapshot::{classify, expand_lists, Entry, Key, Layer, MESH_OVERRIDE_KEY};
 
 /// A configuration that loaded and validated.
 pub struct Loaded {
     pub config: Arc<Config>,
-    /// Every document, `kind: List` expanded, in load order.
-    pub docs: Vec<Document>,
+    /// The resources proxies receive, in load order.
+    pub resources: Vec<Prepared>,
     /// The `--mesh` file: name and text.
     pub mesh: Option<(String, String)>,
     /// Where it came from, for logs.
     pub origin: String,
 }
 
+/// One document as proxies receive it (before JWKS inlining).
+#[derive(Clone)]
+pub struct Prepared {
+    pub key: Key,
+    pub layer: Layer,
+    /// The document as JSON.
+    pub body: Bytes,
+    /// RequestAuthentications keep their document: fetched JWKS are inlined into it.
+    jwks_target: Option<Arc<Value>>,
+}
+
+/// One file's text and what it parsed into (`None`: a syntax error, which the loader reports
+/// with its line).
+struct CachedFile {
+    text: String,
+    parsed: Option<Arc<ParsedFile>>,
+}
+
+struct ParsedFile {
+    /// Every document, `kind: List` expanded; shared with the configurations loaded from it.
+    docs: Vec<Arc<Document>>,
+    /// What each document is on the wire, where a proxy needs it.
+    prepared: Vec<Prepared>,
+}
+
+/// Parsed files by name, kept between reloads of a folder. Keyed by the file's whole text
+/// (not its size and modification time) so that a rewrite within the clock's resolution is
+/// never mistaken for no change.
+#[derive(Default)]
+pub struct ParseCache {
+    files: HashMap<String, CachedFile>,
+}
+
+impl ParseCache {
+    fn parse(&mut self, file: &str, text: String) -> (Option<Arc<ParsedFile>>, String) {
+        if let Some(c) = self.files.get(file) {
+            if c.text == text {
+                return (c.parsed.clone(), text);
+            }
+        }
+        let parsed = parse_documents(file, &text).ok().map(|parsed| {
+            let mut docs = Vec::new();
+            for d in parsed {
+                expand_lists(d, &mut docs);
+            }
+            let prepared = docs.iter().filter_map(prepare).collect();
+            let docs = docs.into_iter().map(Arc::new).collect();
+            Arc::new(ParsedFile { docs, prepared })
+        });
+        self.files.insert(
+            file.to_string(),
+            CachedFile {
+                text: text.clone(),
+                parsed: parsed.clone(),
+            },
+        );
+        (parsed, text)
+    }
+
+    /// Forgets files not in `keep` (removed from the folder).
+    fn retain(&mut self, keep: &[String]) {
+        let keep: std::collections::HashSet<&str> = keep.iter().map(String::as_str).collect();
+        self.files.retain(|f, _| keep.contains(f.as_str()));
+    }
+}
+
+fn prepare(d: &Document) -> Option<Prepared> {
+    let (key, layer) = classify(d)?;
+    let body = serde_json::to_vec(&d.value).ok()?;
+    let jwks_target = key
+        .starts_with("RequestAuthentication/")
+        .then(|| Arc::new(d.value.clone()));
+    Some(Prepared {
+        key,
+        layer,
+        body: Bytes::from(body),
+        jwks_target,
+    })
+}
+
 /// Reads and validates every file under `paths` (and the MeshConfig file `mesh`).
 pub fn load_folder(paths: &[PathBuf], mesh: Option<&Path>) -> Result<Loaded, Vec<String>> {
+    load_folder_cached(paths, mesh, &mut ParseCache::default())
+}
+
+/// [`load_folder`], re-parsing only the files whose text is not in `cache`.
+pub fn load_folder_cached(
+    paths: &[PathBuf],
+    mesh: Option<&Path>,
+    cache: &mut ParseCache,
+) -> Result<Loaded, Vec<String>> {
     let files = warden_proxy::source::collect_all(paths).map_err(|e| vec![e])?;
     let mut texts = Vec::with_capacity(files.len());
     for f in &files {
@@ -59,7 +154,10 @@ pub fn load_folder(paths: &[PathBuf], mesh: Option<&Path>) -> Result<Loaded, Vec
             .join(", "),
         files.len()
     );
-    load_texts(&texts, mesh, origin)
+    let names: Vec<String> = texts.iter().map(|(f, _)| f.clone()).collect();
+    let result = load_with(texts, mesh, origin, cache);
+    cache.retain(&names);
+    result
 }
 
 /// Loads and validates `(file name, text)` pairs.
@@ -68,41 +166,46 @@ pub fn load_texts(
     mesh: Option<(String, String)>,
     origin: String,
 ) -> Result<Loaded, Vec<String>> {
+    load_with(texts.to_vec(), mesh, origin, &mut ParseCache::default())
+}
+
+fn load_with(
+    texts: Vec<(String, String)>,
+    mesh: Option<(String, String)>,
+    origin: String,
+    cache: &mut ParseCache,
+) -> Result<Loaded, Vec<String>> {
     let mut loader = Loader::new();
-    let mut docs = Vec::new();
-    let mut errors = Vec::new();
+    let mut resources = Vec::new();
     for (file, text) in texts {
-        match parse_documents(file, text) {
-            Ok(parsed) => {
-                for d in parsed {
-                    expand_lists(d, &mut docs);
+        match cache.parse(&file, text) {
+            (Some(parsed), _) => {
+                for d in &parsed.docs {
+                    loader.add_shared_document(d.clone());
                 }
+                resources.extend(parsed.prepared.iter().cloned());
             }
             // The loader reports it with its line.
-            Err(_) => loader.add_text(file, text),
+            (None, text) => loader.add_text(&file, &text),
         }
-    }
-    for d in &docs {
-        loader.add_document(d.clone());
     }
     if let Some((file, text)) = &mesh {
         loader.set_mesh_text(file, text);
     }
     let (cfg, diags) = loader.finish();
     let validation = warden_policy::validate::validate(&cfg);
-    errors.extend(
-        diags
-            .iter()
-            .chain(validation.iter())
-            .filter(|d| d.is_error())
-            .map(|d| d.to_string()),
-    );
+    let errors: Vec<String> = diags
+        .iter()
+        .chain(validation.iter())
+        .filter(|d| d.is_error())
+        .map(|d| d.to_string())
+        .collect();
     if !errors.is_empty() {
         return Err(errors);
     }
     Ok(Loaded {
         config: Arc::new(cfg),
-        docs,
+        resources,
         mesh,
         origin,
     })
@@ -114,23 +217,23 @@ impl Loaded {
     /// A rule whose keys were never fetched keeps its `jwksUri`: the proxy has no keys for it
     /// and refuses its tokens (fail closed).
     pub fn entries(&self, jwks: &BTreeMap<String, String>) -> Vec<Entry> {
-        let mut out = Vec::with_capacity(self.docs.len() + 1);
-        for d in &self.docs {
-            let Some((key, layer)) = classify(d) else {
-                continue;
+        let mut out = Vec::with_capacity(self.resources.len() + 1);
+        for p in &self.resources {
+            let body = match &p.jwks_target {
+                Some(doc) if !jwks.is_empty() => {
+                    let mut v = Value::clone(doc);
+                    inline_jwks(&mut v, jwks);
+                    match serde_json::to_vec(&v) {
+                        Ok(b) => Bytes::from(b),
+                        Err(_) => continue,
+                    }
+                }
+                _ => p.body.clone(),
             };
-            let body = if key.starts_with("RequestAuthentication/") && !jwks.is_empty() {
-                let mut v = d.value.clone();
-                inline_jwks(&mut v, jwks);
-                serde_json::to_vec(&v)
-            } else {
-                serde_json::to_vec(&d.value)
-            };
-            let Ok(body) = body else { continue };
             out.push(Entry {
-                key,
-                layer,
-                body: Bytes::from(body),
+                key: p.key.clone(),
+                layer: p.layer,
+                body,
             });
         }
         if let Some((_, text)) = &self.mesh {

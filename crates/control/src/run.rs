@@ -21,7 +21,7 @@ use warden_identity::service::{CaServer, CaServerOptions, CertSigner};
 use warden_identity::token::TokenStore;
 use warden_policy::config::Config;
 
-use crate::load::{jwks_targets, load_folder, load_texts, Loaded};
+use crate::load::{jwks_targets, load_folder_cached, load_texts, Loaded, ParseCache};
 use crate::server::ControlPlane;
 
 /// How often a JWKS target that was never fetched is tried again.
@@ -97,12 +97,17 @@ pub async fn start<S: CertSigner>(
     input: Input,
     opts: Options,
 ) -> Result<Running, ControlError> {
+    // Shared by the first load and the watcher, so the first reload parses only what changed.
+    let cache = Arc::new(std::sync::Mutex::new(ParseCache::default()));
     let first = match &input {
         Input::Folder { paths, mesh, .. } => {
-            let (paths, mesh) = (paths.clone(), mesh.clone());
-            tokio::task::spawn_blocking(move || load_folder(&paths, mesh.as_deref()))
-                .await
-                .map_err(|e| ControlError::Config(vec![e.to_string()]))?
+            let (paths, mesh, cache) = (paths.clone(), mesh.clone(), cache.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                load_folder_cached(&paths, mesh.as_deref(), &mut cache)
+            })
+            .await
+            .map_err(|e| ControlError::Config(vec![e.to_string()]))?
         }
         Input::Texts(texts) => load_texts(texts, None, "built-in configuration".into()),
     }
@@ -154,6 +159,7 @@ pub async fn start<S: CertSigner>(
             paths,
             mesh,
             poll_interval,
+            cache,
         )));
     }
     tasks.push(tokio::spawn(refresh_jwks(
@@ -278,6 +284,7 @@ async fn watch_folder(
     paths: Vec<PathBuf>,
     mesh: Option<PathBuf>,
     interval: Duration,
+    cache: Arc<std::sync::Mutex<ParseCache>>,
 ) {
     let mut seen = {
         let (p, m) = (paths.clone(), mesh.clone());
@@ -290,12 +297,14 @@ async fn watch_folder(
         tokio::time::sleep(interval).await;
         let (p, m) = (paths.clone(), mesh.clone());
         let prev = seen.clone();
+        let cache = cache.clone();
         let scanned = tokio::task::spawn_blocking(move || {
             let now = warden_proxy::source::fingerprint(&p, m.as_deref());
             if prev.as_ref() == Some(&now) {
                 return None;
             }
-            Some((now, load_folder(&p, m.as_deref())))
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            Some((now, load_folder_cached(&p, m.as_deref(), &mut cache)))
         })
         .await;
         let Ok(Some((fp, result))) = scanned else {

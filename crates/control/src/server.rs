@@ -8,23 +8,39 @@
 //! response in flight; changes that arrive meanwhile are coalesced into the next one. A NACK
 //! is recorded (log, status page, metrics) and the proxy's ACKed state stays what it was: the
 //! next change is sent as a delta against that state.
+//!
+//! The gRPC route is written here around the generated trait ([`StreamRoute`]) rather than
+//! served by tonic's generated server, for memory: tonic encodes a stream's responses into one
+//! buffer that lives as long as the stream, so after a proxy's first response (the whole mesh,
+//! about a megabyte with a thousand workloads) every open stream would pin a buffer that size
+//! (a gigabyte for a thousand proxies). Here each response gets an exactly sized buffer of its
+//! own, freed once sent.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use hyper::body::Frame;
+use prost::Message;
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::Codec;
+use tonic::codegen::http;
 use tonic::{Request, Response, Status, Streaming};
 use warden_identity::service::{client_identity, PeerInfo};
 use warden_identity::spiffe::SpiffeId;
 
 use crate::load::Loaded;
 use crate::metrics::Metrics;
-use crate::proto::config_discovery_server::{ConfigDiscovery, ConfigDiscoveryServer};
+use crate::proto::config_discovery_server::ConfigDiscovery;
 use crate::proto::{ConfigRequest, ConfigResponse, Resource};
 use crate::snapshot::{version_text, Change, Delta, Held, Snapshot};
 
@@ -109,10 +125,10 @@ impl ControlPlane {
     }
 
     /// The gRPC service to add to the server.
-    pub fn service(self: &Arc<Self>) -> ConfigDiscoveryServer<Service> {
-        ConfigDiscoveryServer::new(Service { cp: self.clone() })
-            .max_decoding_message_size(4 * 1024 * 1024)
-            .max_encoding_message_size(256 * 1024 * 1024)
+    pub fn service(self: &Arc<Self>) -> StreamRoute {
+        StreamRoute {
+            svc: Arc::new(Service { cp: self.clone() }),
+        }
     }
 
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
@@ -568,6 +584,122 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Requests larger than this are refused (they carry a proxy's held versions at most).
+const MAX_REQUEST: usize = 4 * 1024 * 1024;
+/// Responses larger than this end the stream with an error.
+const MAX_RESPONSE: usize = 256 * 1024 * 1024;
+const STREAM_PATH: &str = "/warden.control.v1.ConfigDiscovery/Stream";
+
+/// The configuration stream's gRPC route (see the module documentation for why it is not
+/// tonic's generated server).
+#[derive(Clone)]
+pub struct StreamRoute {
+    svc: Arc<Service>,
+}
+
+impl tonic::server::NamedService for StreamRoute {
+    const NAME: &'static str = "warden.control.v1.ConfigDiscovery";
+}
+
+type RouteFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<tonic::body::Body>, Infallible>> + Send>>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for StreamRoute {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> RouteFuture {
+        let svc = self.svc.clone();
+        Box::pin(async move {
+            if req.uri().path() != STREAM_PATH {
+                return Ok(
+                    Status::unimplemented(format!("no method {}", req.uri().path())).into_http(),
+                );
+            }
+            let (parts, body) = req.into_parts();
+            let mut codec = tonic_prost::ProstCodec::<ConfigResponse, ConfigRequest>::default();
+            let inbound = Streaming::new_request(codec.decoder(), body, None, Some(MAX_REQUEST));
+            let request = Request::from_http(http::Request::from_parts(parts, inbound));
+            match svc.stream(request).await {
+                Ok(response) => {
+                    let body = Responses {
+                        rx: response.into_inner().into_inner(),
+                        done: false,
+                    };
+                    let mut r = http::Response::new(tonic::body::Body::new(body));
+                    r.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    Ok(r)
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+/// A stream's response body: each message framed (gRPC's 5-byte prefix) in a buffer of its
+/// own, then the status in trailers.
+struct Responses {
+    rx: mpsc::Receiver<Result<ConfigResponse, Status>>,
+    done: bool,
+}
+
+impl Responses {
+    fn end(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        match status.add_header(&mut trailers) {
+            Ok(()) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+}
+
+impl hyper::body::Body for Responses {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(msg))) => {
+                let len = msg.encoded_len();
+                if len > MAX_RESPONSE {
+                    return self.end(Status::out_of_range(format!(
+                        "a response of {len} bytes is over the limit of {MAX_RESPONSE}"
+                    )));
+                }
+                let mut buf = Vec::with_capacity(5 + len);
+                buf.push(0);
+                buf.extend_from_slice(&(len as u32).to_be_bytes());
+                if let Err(e) = msg.encode(&mut buf) {
+                    return self.end(Status::internal(format!("encoding a response: {e}")));
+                }
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+            }
+            Poll::Ready(Some(Err(status))) => self.end(status),
+            Poll::Ready(None) => self.end(Status::ok("")),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 

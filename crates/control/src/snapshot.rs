@@ -157,8 +157,16 @@ impl Snapshot {
         let generation = prev.map_or(1, |p| p.generation + 1);
         let mut resources = HashMap::with_capacity(entries.len());
         for e in entries {
-            let version = content_version(&e.body);
-            let gen = match prev.and_then(|p| p.resources.get(&e.key)) {
+            let old = prev.and_then(|p| p.resources.get(&e.key));
+            // The same buffer as before (unchanged files keep their parsed bodies): its hash is
+            // known, and hashing ten thousand bodies on every change is not free.
+            let version = match old {
+                Some(o) if o.body.as_ptr() == e.body.as_ptr() && o.body.len() == e.body.len() => {
+                    o.version
+                }
+                _ => content_version(&e.body),
+            };
+            let gen = match old {
                 Some(old) if old.version == version => old.generation,
                 _ => generation,
             };

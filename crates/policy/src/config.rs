@@ -197,6 +197,13 @@ impl Loader {
         self.docs.push(Arc::new(d));
     }
 
+    /// Adds a document already shared (and with any `kind: List` already expanded): the
+    /// control plane keeps parsed documents between reloads and must not copy ten thousand of
+    /// them into every load.
+    pub fn add_shared_document(&mut self, d: Arc<Document>) {
+        self.docs.push(d);
+    }
+
     /// A MeshConfig given on its own (`--mesh`); it wins over the `istio` ConfigMap.
     pub fn set_mesh_text(&mut self, file: &str, text: &str) {
         match parse_documents(file, text) {

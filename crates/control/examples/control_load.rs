@@ -686,6 +686,11 @@ async fn run(args: Args) -> Result<(), String> {
         "control plane ready in {server_startup_ms:.0} ms (pid {pid}, log {})",
         log_path.display()
     );
+    eprintln!(
+        "  (after loading: VmRSS {:.1} MiB, VmHWM {:.1} MiB)",
+        status_kib(pid, "VmRSS")? as f64 / 1024.0,
+        status_kib(pid, "VmHWM")? as f64 / 1024.0
+    );
 
     // Identities first: signing is not what is measured.
     let mut identities = Vec::with_capacity(n);
@@ -765,6 +770,10 @@ async fn run(args: Args) -> Result<(), String> {
     settle(&admin, n).await?;
     let initial_sync_acked_ms = sync_start.elapsed().as_secs_f64() * 1000.0;
     let rss_after_sync = status_kib(pid, "VmRSS")?;
+    eprintln!(
+        "  (peak so far: VmHWM {:.1} MiB)",
+        status_kib(pid, "VmHWM")? as f64 / 1024.0
+    );
     eprintln!(
         "{n} proxies synced in {initial_sync_ms:.0} ms (all ACKed at {initial_sync_acked_ms:.0} ms), \
          RSS {:.1} MiB",

@@ -53,10 +53,17 @@ struct CachedFile {
 }
 
 struct ParsedFile {
-    /// Every document, `kind: List` expanded; shared with the configurations loaded from it.
-    docs: Vec<Arc<Document>>,
+    /// Every document, `kind: List` expanded, as JSON with its place (file, field lines) but
+    /// without its tree: a parsed tree takes about twenty times its text, so the cache keeps
+    /// the compact JSON and each reload decodes it again, one document at a time.
+    docs: Vec<CachedDoc>,
     /// What each document is on the wire, where a proxy needs it.
     prepared: Vec<Prepared>,
+}
+
+struct CachedDoc {
+    place: Document,
+    json: Bytes,
 }
 
 /// Parsed files by name, kept between reloads of a folder. Keyed by the file's whole text
@@ -79,9 +86,23 @@ impl ParseCache {
             for d in parsed {
                 expand_lists(d, &mut docs);
             }
-            let prepared = docs.iter().filter_map(prepare).collect();
-            let docs = docs.into_iter().map(Arc::new).collect();
-            Arc::new(ParsedFile { docs, prepared })
+            let mut cached = Vec::with_capacity(docs.len());
+            let mut prepared = Vec::new();
+            for d in docs {
+                let Ok(json) = serde_json::to_vec(&d.value) else {
+                    continue;
+                };
+                let json = Bytes::from(json);
+                prepared.extend(prepare(&d, &json));
+                cached.push(CachedDoc {
+                    place: d.without_value(),
+                    json,
+                });
+            }
+            Arc::new(ParsedFile {
+                docs: cached,
+                prepared,
+            })
         });
         self.files.insert(
             file.to_string(),
@@ -100,16 +121,15 @@ impl ParseCache {
     }
 }
 
-fn prepare(d: &Document) -> Option<Prepared> {
+fn prepare(d: &Document, json: &Bytes) -> Option<Prepared> {
     let (key, layer) = classify(d)?;
-    let body = serde_json::to_vec(&d.value).ok()?;
     let jwks_target = key
         .starts_with("RequestAuthentication/")
         .then(|| Arc::new(d.value.clone()));
     Some(Prepared {
         key,
         layer,
-        body: Bytes::from(body),
+        body: json.clone(),
         jwks_target,
     })
 }
@@ -181,7 +201,9 @@ fn load_with(
         match cache.parse(&file, text) {
             (Some(parsed), _) => {
                 for d in &parsed.docs {
-                    loader.add_shared_document(d.clone());
+                    // Our own serialization of a parsed document: it always reads back.
+                    let value = serde_json::from_slice(&d.json).unwrap_or(Value::Null);
+                    loader.add_shared_document(Arc::new(d.place.with_value(value)));
                 }
                 resources.extend(parsed.prepared.iter().cloned());
             }
@@ -191,6 +213,23 @@ fn load_with(
     }
     if let Some((file, text)) = &mesh {
         loader.set_mesh_text(file, text);
+    }
+    // The loader takes the last mesh configuration it reads; proxies rebuild from resources
+    // in another order, so two in one folder could give them another mesh (root namespace,
+    // trust domain) than the control plane's. One is required.
+    let mesh_docs: Vec<&Prepared> = resources
+        .iter()
+        .filter(|p| p.key.starts_with("MeshConfig//") || &*p.key == "ConfigMap/istio-system/istio")
+        .collect();
+    if mesh_docs.len() > 1 {
+        let names: Vec<String> = mesh_docs
+            .iter()
+            .map(|p| p.key.trim_start_matches("MeshConfig//").to_string())
+            .collect();
+        return Err(vec![format!(
+            "the mesh configuration is defined more than once ({}); keep one",
+            names.join(", ")
+        )]);
     }
     let (cfg, diags) = loader.finish();
     let validation = warden_policy::validate::validate(&cfg);
@@ -317,6 +356,25 @@ mod tests {
         let all = errs.join("\n");
         assert!(all.contains("a.yaml:"), "{all}");
         assert!(all.contains("AuthorizationPolicy foo/p"), "{all}");
+    }
+
+    /// Regression: two mesh configurations in one folder were both accepted; proxies,
+    /// rebuilding in another order, could pick the other one's root namespace.
+    #[test]
+    fn two_mesh_configurations_are_refused() {
+        let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |\n    rootNamespace: istio-system\n";
+        let bare = "rootNamespace: a\n";
+        let errs = load_texts(
+            &texts(&[("00-mesh.yaml", bare), ("10-cm.yaml", cm)]),
+            None,
+            "t".into(),
+        )
+        .err()
+        .expect("refused");
+        assert!(errs[0].contains("more than once"), "{errs:?}");
+        assert!(errs[0].contains("00-mesh.yaml"), "{errs:?}");
+        // One is fine.
+        assert!(load_texts(&texts(&[("10-cm.yaml", cm)]), None, "t".into()).is_ok());
     }
 
     #[test]

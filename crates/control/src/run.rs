@@ -2,11 +2,13 @@
 //! admin endpoint, the configuration watcher (a folder polled for changes, or texts handed
 //! over by the caller) and the JWKS keeper.
 //!
-//! JWKS: a target is fetched when a configuration first needs it, again every
-//! `jwks_refresh`, and every [`JWKS_RETRY`] (or `jwks_refresh`, if shorter) while it has
-//! never been fetched. A failed refresh keeps the last good document; a target never fetched
-//! is served without keys, so its tokens are refused (fail closed). The SSRF guard of
-//! [`crate::jwks`] refuses link-local and cloud-metadata addresses.
+//! JWKS: a configuration is put in force at once with the keys at hand, and a task fetches
+//! off the change path: a target when a configuration first needs it, again every
+//! `jwks_refresh`, and after a failed attempt every [`JWKS_RETRY`] (or `jwks_refresh`, if
+//! shorter), each fetch bounded by [`MAX_FETCH_BUDGET`]. A failed refresh keeps the last good
+//! document; a target never fetched is served without keys, so its tokens are refused (fail
+//! closed); a target the configuration drops is forgotten. The SSRF guard of [`crate::jwks`]
+//! refuses link-local and cloud-metadata addresses.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,7 +21,6 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use warden_identity::service::{CaServer, CaServerOptions, CertSigner};
 use warden_identity::token::TokenStore;
-use warden_policy::config::Config;
 
 use crate::load::{jwks_targets, load_folder_cached, load_texts, Loaded, ParseCache};
 use crate::server::ControlPlane;
@@ -87,7 +88,15 @@ struct Keeper {
     docs: BTreeMap<String, String>,
     /// When each target was last fetched successfully.
     fetched_at: BTreeMap<String, Instant>,
+    /// When each target was last tried, successfully or not.
+    attempted_at: BTreeMap<String, Instant>,
+    /// Wakes the JWKS task: a configuration needs targets it has no keys for.
+    wake: Arc<tokio::sync::Notify>,
 }
+
+/// A fetch never waits longer than this, whatever a rule's `timeout` says: the JWKS task must
+/// come back to the others.
+const MAX_FETCH_BUDGET: Duration = Duration::from_secs(10);
 
 /// Loads the first configuration (refusing to start on errors), starts the TLS port and the
 /// admin endpoint, then follows the input.
@@ -117,6 +126,8 @@ pub async fn start<S: CertSigner>(
         current: None,
         docs: BTreeMap::new(),
         fetched_at: BTreeMap::new(),
+        attempted_at: BTreeMap::new(),
+        wake: Arc::new(tokio::sync::Notify::new()),
     }));
     put_in_force(&cp, &keeper, first).await;
 
@@ -220,62 +231,140 @@ impl Running {
     }
 }
 
-/// Fetches the JWKS documents `loaded` needs and does not have, then applies it.
+/// Puts `loaded` in force at once, with the keys at hand. Targets it needs and has never had
+/// keys for go out without keys, so their tokens are refused (fail closed). The JWKS task is
+/// woken to fetch them and re-applies when they arrive. No fetch ever holds up a change.
 async fn put_in_force(cp: &ControlPlane, keeper: &Mutex<Keeper>, loaded: Loaded) {
     let mut k = keeper.lock().await;
-    let missing: Vec<String> = jwks_targets(&loaded.config)
-        .into_iter()
-        .filter(|t| !k.docs.contains_key(t))
-        .collect();
-    if !missing.is_empty() {
-        fetch(cp, &mut k, &loaded.config, Some(&missing)).await;
-    }
+    let targets = jwks_targets(&loaded.config);
+    // Keys of a target the configuration dropped are forgotten: re-adding it fetches anew,
+    // rather than serving keys that may have been rotated away meanwhile.
+    k.docs.retain(|t, _| targets.contains(t));
+    k.fetched_at.retain(|t, _| targets.contains(t));
+    k.attempted_at.retain(|t, _| targets.contains(t));
     cp.apply(&loaded, &k.docs);
+    let missing = targets
+        .iter()
+        .any(|t| !k.docs.contains_key(t) && !k.attempted_at.contains_key(t));
     k.current = Some(loaded);
+    if missing {
+        k.wake.notify_one();
+    }
 }
 
-/// Fetches `only` (or every target of `cfg`), keeping the last good document of any that
-/// fails.
-async fn fetch(cp: &ControlPlane, k: &mut Keeper, cfg: &Config, only: Option<&[String]>) {
-    let rules: Vec<warden_policy::model::JwtRule> = cfg
-        .request_authentications
-        .iter()
-        .flat_map(|p| p.spec.jwt_rules.iter().flatten())
-        .filter(|r| crate::jwks::target_key(r).is_some_and(|t| only.is_none_or(|o| o.contains(&t))))
-        .cloned()
-        .collect();
-    if rules.is_empty() {
-        return;
+/// When `target` is next due: `refresh` after its last good fetch, `retry` after a failed
+/// attempt, now if never tried.
+fn due_at(k: &Keeper, target: &str, refresh: Duration, retry: Duration, now: Instant) -> Instant {
+    let after_success = k.fetched_at.get(target).map(|at| *at + refresh);
+    let after_attempt = k.attempted_at.get(target).map(|at| *at + retry);
+    match (after_success, after_attempt) {
+        (Some(s), Some(a)) => s.max(a),
+        (None, Some(a)) => a,
+        (Some(s), None) => s,
+        (None, None) => now,
     }
-    let fetched = tokio::task::spawn_blocking(move || {
-        crate::jwks::Fetched::for_rules(rules.iter()).documents()
-    })
-    .await
-    .unwrap_or_default();
-    let now = warden_identity::inspect::rfc3339(SystemTime::now());
-    for (target, result) in fetched {
-        match result {
-            Ok(doc) => {
-                cp.note_jwks(&target, serde_json::json!({"state": "fetched", "at": now}));
-                k.docs.insert(target.clone(), doc);
-                k.fetched_at.insert(target, Instant::now());
+}
+
+/// Fetches the due targets of the configuration in force, without holding the keeper while
+/// the network is waited on; a failed target keeps its last good document and is tried again
+/// `retry` later (not in a loop).
+async fn refresh_jwks(cp: Arc<ControlPlane>, keeper: Arc<Mutex<Keeper>>, refresh: Duration) {
+    let retry = JWKS_RETRY.min(refresh);
+    let wake = keeper.lock().await.wake.clone();
+    loop {
+        let (next, rules, due) = {
+            let k = keeper.lock().await;
+            let Some(cur) = &k.current else {
+                drop(k);
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => {}
+                    () = wake.notified() => {}
+                }
+                continue;
+            };
+            let now = Instant::now();
+            let targets = jwks_targets(&cur.config);
+            let due: Vec<String> = targets
+                .iter()
+                .filter(|t| due_at(&k, t, refresh, retry, now) <= now)
+                .cloned()
+                .collect();
+            let next = targets
+                .iter()
+                .map(|t| due_at(&k, t, refresh, retry, now))
+                .min()
+                .unwrap_or(now + refresh);
+            let rules: Vec<warden_policy::model::JwtRule> = cur
+                .config
+                .request_authentications
+                .iter()
+                .flat_map(|p| p.spec.jwt_rules.iter().flatten())
+                .filter(|r| crate::jwks::target_key(r).is_some_and(|t| due.contains(&t)))
+                .cloned()
+                .map(cap_timeout)
+                .collect();
+            (next, rules, due)
+        };
+        if due.is_empty() {
+            tokio::select! {
+                () = tokio::time::sleep_until(next.into()) => {}
+                () = wake.notified() => {}
             }
-            Err(reason) if k.docs.contains_key(&target) => {
-                tracing::warn!(target: "warden::control", jwks = %target, error = %reason, "JWKS refresh failed; keeping the keys fetched before");
-                cp.note_jwks(
-                    &target,
-                    serde_json::json!({"state": "stale", "error": reason, "at": now}),
-                );
-            }
-            Err(reason) => {
-                tracing::warn!(target: "warden::control", jwks = %target, error = %reason, "JWKS never fetched; tokens of its issuer are refused until it is");
-                cp.note_jwks(
-                    &target,
-                    serde_json::json!({"state": "unavailable", "error": reason, "at": now}),
-                );
+            continue;
+        }
+        let fetched = tokio::task::spawn_blocking(move || {
+            crate::jwks::Fetched::for_rules(rules.iter()).documents()
+        })
+        .await
+        .unwrap_or_default();
+        let mut k = keeper.lock().await;
+        let now = Instant::now();
+        let at = warden_identity::inspect::rfc3339(SystemTime::now());
+        for (target, result) in fetched {
+            k.attempted_at.insert(target.clone(), now);
+            match result {
+                Ok(doc) => {
+                    cp.note_jwks(&target, serde_json::json!({"state": "fetched", "at": at}));
+                    k.docs.insert(target.clone(), doc);
+                    k.fetched_at.insert(target, now);
+                }
+                Err(reason) if k.docs.contains_key(&target) => {
+                    tracing::warn!(target: "warden::control", jwks = %target, error = %reason, "JWKS refresh failed; keeping the keys fetched before");
+                    cp.note_jwks(
+                        &target,
+                        serde_json::json!({"state": "stale", "error": reason, "at": at}),
+                    );
+                }
+                Err(reason) => {
+                    tracing::warn!(target: "warden::control", jwks = %target, error = %reason, "JWKS never fetched; tokens of its issuer are refused until it is");
+                    cp.note_jwks(
+                        &target,
+                        serde_json::json!({"state": "unavailable", "error": reason, "at": at}),
+                    );
+                }
             }
         }
+        // Targets that produced no result (the task failed) still wait `retry`.
+        for t in &due {
+            k.attempted_at.entry(t.clone()).or_insert(now);
+        }
+        if let Some(cur) = k.current.take() {
+            cp.apply(&cur, &k.docs);
+            k.current = Some(cur);
+        }
     }
+}
+
+/// A rule's fetch budget, capped at [`MAX_FETCH_BUDGET`].
+fn cap_timeout(mut rule: warden_policy::model::JwtRule) -> warden_policy::model::JwtRule {
+    let budget = rule
+        .timeout
+        .as_deref()
+        .and_then(crate::jwks::parse_go_duration);
+    if budget.is_some_and(|d| d > MAX_FETCH_BUDGET) {
+        rule.timeout = Some(format!("{}s", MAX_FETCH_BUDGET.as_secs()));
+    }
+    rule
 }
 
 async fn watch_folder(
@@ -318,42 +407,52 @@ async fn watch_folder(
     }
 }
 
-async fn refresh_jwks(cp: Arc<ControlPlane>, keeper: Arc<Mutex<Keeper>>, refresh: Duration) {
-    loop {
-        let wait = {
-            let k = keeper.lock().await;
-            let Some(cur) = &k.current else {
-                drop(k);
-                tokio::time::sleep(JWKS_RETRY).await;
-                continue;
-            };
-            let targets = jwks_targets(&cur.config);
-            targets
-                .iter()
-                .map(|t| match k.fetched_at.get(t) {
-                    Some(at) => refresh.saturating_sub(at.elapsed()),
-                    // Never later than a fetched target would be refreshed.
-                    None => JWKS_RETRY.min(refresh),
-                })
-                .min()
-                .unwrap_or(refresh)
-        };
-        tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
-        let mut k = keeper.lock().await;
-        let Some(cur) = k.current.take() else {
-            continue;
-        };
-        let due: Vec<String> = jwks_targets(&cur.config)
-            .into_iter()
-            .filter(|t| match k.fetched_at.get(t) {
-                Some(at) => at.elapsed() >= refresh,
-                None => true,
-            })
-            .collect();
-        if !due.is_empty() {
-            fetch(&cp, &mut k, &cur.config, Some(&due)).await;
-            cp.apply(&cur, &k.docs);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keeper() -> Keeper {
+        Keeper {
+            current: None,
+            docs: BTreeMap::new(),
+            fetched_at: BTreeMap::new(),
+            attempted_at: BTreeMap::new(),
+            wake: Arc::default(),
         }
-        k.current = Some(cur);
+    }
+
+    /// Regression: a failed refresh left the target due at once, so it was fetched again in a
+    /// loop (every 100 ms), logging and re-applying each time.
+    #[test]
+    fn a_failed_fetch_waits_the_retry_interval() {
+        let (refresh, retry) = (Duration::from_secs(1200), Duration::from_secs(30));
+        let now = Instant::now();
+        let mut k = keeper();
+        assert_eq!(
+            due_at(&k, "t", refresh, retry, now),
+            now,
+            "never tried: due now"
+        );
+        k.fetched_at.insert("t".into(), now);
+        k.attempted_at.insert("t".into(), now);
+        assert_eq!(due_at(&k, "t", refresh, retry, now), now + refresh);
+        // A refresh fails at `later`: next try `retry` after it, not at once.
+        let later = now + refresh;
+        k.attempted_at.insert("t".into(), later);
+        assert_eq!(due_at(&k, "t", refresh, retry, later), later + retry);
+    }
+
+    #[test]
+    fn fetch_budgets_are_capped() {
+        let rule = warden_policy::model::JwtRule {
+            timeout: Some("1h".into()),
+            ..Default::default()
+        };
+        assert_eq!(cap_timeout(rule).timeout.as_deref(), Some("10s"));
+        let rule = warden_policy::model::JwtRule {
+            timeout: Some("2s".into()),
+            ..Default::default()
+        };
+        assert_eq!(cap_timeout(rule).timeout.as_deref(), Some("2s"));
     }
 }

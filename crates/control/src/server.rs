@@ -44,6 +44,11 @@ use crate::proto::config_discovery_server::ConfigDiscovery;
 use crate::proto::{ConfigRequest, ConfigResponse, Resource};
 use crate::snapshot::{version_text, Change, Delta, Held, Snapshot};
 
+/// How long a proxy may leave a response unread before it is disconnected.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// NACK reasons longer than this are cut: they are logged, kept per proxy and in the history.
+const MAX_NACK_DETAIL: usize = 4096;
+
 /// How long a proxy has to send its first request after opening the stream.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Responses with more resources than this (first syncs of a large mesh) take a permit of
@@ -487,6 +492,15 @@ async fn run_stream(
                     Some(wl) => {
                         waiting_logged = false;
                         cp.update(id, |p| p.waiting = None);
+                        // A first sync of a large mesh is large: its permit is taken before
+                        // the delta is even computed, so a thousand proxies connecting at once
+                        // do not each hold one while they wait.
+                        let mut permit =
+                            if initial.is_some() && snap.resources.len() > LARGE_RESPONSE {
+                                cp.large.clone().acquire_owned().await.ok()
+                            } else {
+                                None
+                            };
                         let delta = match &initial {
                             Some(h) => snap.delta_from_held(wl, h),
                             None => snap.delta_since(wl, &acked),
@@ -495,17 +509,24 @@ async fn run_stream(
                             nonce_counter += 1;
                             let version = snap.generation.to_string();
                             let resources = delta.resources.len();
-                            let permit = if resources > LARGE_RESPONSE {
-                                cp.large.clone().acquire_owned().await.ok()
-                            } else {
-                                None
-                            };
+                            if resources <= LARGE_RESPONSE {
+                                permit = None;
+                            } else if permit.is_none() {
+                                permit = cp.large.clone().acquire_owned().await.ok();
+                            }
                             let response = encode(&version, nonce_counter, &delta);
                             cp.metrics.pushes.inc();
                             cp.metrics.pushed_resources.inc_by(resources as u64);
                             cp.update(id, |p| p.pending = Some(version.clone()));
-                            if tx.send(Ok(response)).await.is_err() {
-                                break;
+                            // A proxy that stops reading must not hold a permit (or this task)
+                            // forever: it is disconnected, and resyncs when it comes back.
+                            match tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(response))).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => break,
+                                Err(_) => {
+                                    tracing::warn!(target: "warden::control", workload = %format!("{ns}/{name}"), %peer, "the proxy does not read its responses; disconnected");
+                                    break;
+                                }
                             }
                             in_flight = Some(InFlight {
                                 nonce: nonce_counter.to_string(),
@@ -550,16 +571,25 @@ async fn run_stream(
                         let v = f.version.clone();
                         cp.update(id, |p| { p.acked = Some(v); p.pending = None; });
                     } else {
+                        let mut detail = req.error_detail;
+                        if detail.len() > MAX_NACK_DETAIL {
+                            let mut cut = MAX_NACK_DETAIL;
+                            while !detail.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            detail.truncate(cut);
+                            detail.push_str(" …(cut)");
+                        }
                         cp.metrics.nacks.inc();
-                        tracing::warn!(target: "warden::control", workload = %format!("{ns}/{name}"), version = %f.version, error = %req.error_detail, "NACK: the proxy refused this version and keeps the one it has");
+                        tracing::warn!(target: "warden::control", workload = %format!("{ns}/{name}"), version = %f.version, error = %detail, "NACK: the proxy refused this version and keeps the one it has");
                         let at = SystemTime::now();
                         cp.record_nack(serde_json::json!({
                             "workload": format!("{ns}/{name}"),
                             "version": f.version,
-                            "error": req.error_detail,
+                            "error": detail,
                             "at": warden_identity::inspect::rfc3339(at),
                         }));
-                        let (v, e) = (f.version.clone(), req.error_detail.clone());
+                        let (v, e) = (f.version.clone(), detail.clone());
                         cp.update(id, |p| { p.nack = Some((v, e, at)); p.pending = None; });
                     }
                 }

@@ -393,3 +393,43 @@ async fn a_real_proxy_source_takes_a_first_sync_larger_than_4_mib() {
         SourceEvent::Refused(r) => panic!("refused: {r:?}"),
     }
 }
+
+/// Regression: fetching a never-fetched JWKS held up every configuration change for as long
+/// as the rule's `timeout` (here an hour), an emergency DENY included.
+#[tokio::test]
+async fn a_silent_jwks_server_never_holds_up_a_change() {
+    // Accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let ra = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata:\n  name: jwt\n  namespace: a\nspec:\n  jwtRules:\n  - issuer: https://issuer\n    jwksUri: http://127.0.0.1:{port}/keys\n    timeout: 1h\n"
+    );
+    let started = tokio::time::timeout(
+        STEP,
+        mesh(texts(&[
+            ("ra.yaml", ra.clone()),
+            ("pa.yaml", policy("a", "p1", "wl-a", "/1")),
+        ])),
+    )
+    .await
+    .expect("the control plane starts without waiting for the JWKS");
+    let m = started;
+    let mut a = fake(&m, "a", "wl-a", "sa-a");
+    a.next().await;
+    tokio::time::timeout(
+        STEP,
+        m.running.apply_texts(
+            texts(&[
+                ("ra.yaml", ra),
+                ("pa.yaml", policy("a", "p1", "wl-a", "/2")),
+            ]),
+            "deny now",
+        ),
+    )
+    .await
+    .expect("the change is not held up")
+    .expect("accepted");
+    let r = a.next().await;
+    assert_eq!(r.keys, vec!["AuthorizationPolicy/a/p1".to_string()]);
+    drop(silent);
+}

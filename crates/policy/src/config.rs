@@ -151,12 +151,24 @@ const SECURITY_KINDS: [&str; 3] = [
     "AuthorizationPolicy",
 ];
 
-/// Collects documents, then builds a [`Config`].
+/// Builds a [`Config`] document by document. Each document is decoded as it is added and
+/// only its value-less copy (file, lines) is kept, for messages: a large configuration never
+/// holds all its JSON trees at once.
 #[derive(Default)]
 pub struct Loader {
-    docs: Vec<Arc<Document>>,
     mesh_override: Option<(MeshConfig, String)>,
     diags: Vec<Diagnostic>,
+    acc: Accumulated,
+}
+
+/// What the documents added so far amount to.
+#[derive(Default)]
+struct Accumulated {
+    cfg: Config,
+    seen: HashMap<(String, String, String), String>,
+    mesh_from_map: Option<(MeshConfig, String, usize)>,
+    pending: Vec<(Arc<Document>, &'static str, ObjectMeta, PodTemplate)>,
+    entries: Vec<Resource<WorkloadEntrySpec>>,
 }
 
 impl Loader {
@@ -194,14 +206,14 @@ impl Loader {
             }
             return;
         }
-        self.docs.push(Arc::new(d));
+        self.take(Arc::new(d));
     }
 
     /// Adds a document already shared (and with any `kind: List` already expanded): the
     /// control plane keeps parsed documents between reloads and must not copy ten thousand of
     /// them into every load.
     pub fn add_shared_document(&mut self, d: Arc<Document>) {
-        self.docs.push(d);
+        self.take(d);
     }
 
     /// A MeshConfig given on its own (`--mesh`); it wins over the `istio` ConfigMap.
@@ -218,280 +230,290 @@ impl Loader {
         }
     }
 
-    pub fn finish(self) -> (Config, Vec<Diagnostic>) {
-        let Loader {
-            docs,
-            mesh_override,
-            mut diags,
-        } = self;
-        let mut cfg = Config::default();
-        let mut seen: HashMap<(String, String, String), String> = HashMap::new();
-        let mut mesh_from_map: Option<(MeshConfig, String, usize)> = None;
-        let mut pending: Vec<(Arc<Document>, &'static str, ObjectMeta, PodTemplate)> = Vec::new();
-        let mut entries: Vec<Resource<WorkloadEntrySpec>> = Vec::new();
-
-        for doc in docs {
-            let v = &doc.value;
-            let Some(obj) = v.as_object() else {
-                diags.push(diag(
+    /// Decodes one document into the configuration being built.
+    fn take(&mut self, doc: Arc<Document>) {
+        let Accumulated {
+            cfg,
+            seen,
+            mesh_from_map,
+            pending,
+            entries,
+        } = &mut self.acc;
+        let diags = &mut self.diags;
+        let v = &doc.value;
+        let Some(obj) = v.as_object() else {
+            diags.push(diag(
+                &doc.file,
+                doc.line,
+                None,
+                "",
+                "expected a Kubernetes object (a mapping with apiVersion and kind)".into(),
+            ));
+            return;
+        };
+        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+        let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        if kind.is_empty()
+            && api.is_empty()
+            && !obj.is_empty()
+            && obj.keys().all(|k| !k.is_empty())
+            && obj
+                .keys()
+                .any(|k| MeshConfig::KNOWN_KEYS.contains(&k.as_str()))
+            && !obj.contains_key("cases")
+        {
+            // A bare MeshConfig file among the resources (as `--mesh` takes it).
+            match MeshConfig::from_value(doc.value.clone()) {
+                Ok(m) => *mesh_from_map = Some((m, doc.file.to_string(), doc.line)),
+                Err(e) => diags.push(diag(
                     &doc.file,
-                    doc.line,
+                    doc.line_of(&e.field),
                     None,
-                    "",
-                    "expected a Kubernetes object (a mapping with apiVersion and kind)".into(),
-                ));
-                continue;
+                    &e.field,
+                    e.message,
+                )),
+            }
+            return;
+        }
+        if kind.is_empty() && api.is_empty() && obj.contains_key("cases") {
+            // A `warden test` file kept next to the policies it tests.
+            cfg.skipped.push((
+                format!("{}:{}", doc.file, doc.line),
+                "warden test file".into(),
+            ));
+            return;
+        }
+        if kind.is_empty() || api.is_empty() {
+            let missing = if kind.is_empty() {
+                "kind"
+            } else {
+                "apiVersion"
             };
-            let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
-            let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-            if kind.is_empty()
-                && api.is_empty()
-                && !obj.is_empty()
-                && obj.keys().all(|k| !k.is_empty())
-                && obj
-                    .keys()
-                    .any(|k| MeshConfig::KNOWN_KEYS.contains(&k.as_str()))
-                && !obj.contains_key("cases")
-            {
-                // A bare MeshConfig file among the resources (as `--mesh` takes it).
-                match MeshConfig::from_value(doc.value.clone()) {
-                    Ok(m) => mesh_from_map = Some((m, doc.file.to_string(), doc.line)),
-                    Err(e) => diags.push(diag(
-                        &doc.file,
-                        doc.line_of(&e.field),
-                        None,
-                        &e.field,
-                        e.message,
-                    )),
-                }
-                continue;
+            diags.push(diag(
+                &doc.file,
+                doc.line,
+                None,
+                missing,
+                format!("{missing} not set: every document needs apiVersion and kind"),
+            ));
+            return;
+        }
+        let origin = Origin {
+            doc: Arc::new(doc.without_value()),
+        };
+        let meta: ObjectMeta = match decode(&doc, "metadata", obj.get("metadata")) {
+            Ok(m) => m,
+            Err(d) => {
+                diags.push(*d);
+                return;
             }
-            if kind.is_empty() && api.is_empty() && obj.contains_key("cases") {
-                // A `warden test` file kept next to the policies it tests.
-                cfg.skipped.push((
-                    format!("{}:{}", doc.file, doc.line),
-                    "warden test file".into(),
-                ));
-                continue;
-            }
-            if kind.is_empty() || api.is_empty() {
-                let missing = if kind.is_empty() {
-                    "kind"
-                } else {
-                    "apiVersion"
-                };
-                diags.push(diag(
+        };
+        let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
+        let rname = format!("{kind} {ns}/{}", meta.name);
+        if meta.name.is_empty() {
+            diags.push(Diagnostic {
+                resource: Some(format!("{kind} {ns}/")),
+                ..diag(
                     &doc.file,
-                    doc.line,
+                    doc.line_of("metadata"),
                     None,
-                    missing,
-                    format!("{missing} not set: every document needs apiVersion and kind"),
-                ));
-                continue;
-            }
-            let origin = Origin { doc: doc.clone() };
-            let meta: ObjectMeta = match decode(&doc, "metadata", obj.get("metadata")) {
-                Ok(m) => m,
-                Err(d) => {
-                    diags.push(*d);
-                    continue;
-                }
-            };
-            let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
-            let rname = format!("{kind} {ns}/{}", meta.name);
-            if meta.name.is_empty() {
-                diags.push(Diagnostic {
-                    resource: Some(format!("{kind} {ns}/")),
-                    ..diag(
-                        &doc.file,
-                        doc.line_of("metadata"),
-                        None,
-                        "metadata.name",
-                        "name is required".into(),
-                    )
-                });
-                continue;
-            }
-            let group = api.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
-            let known = match (group, kind) {
-                ("security.istio.io", k) if SECURITY_KINDS.contains(&k) => {
-                    if !api.ends_with("/v1") && !api.ends_with("/v1beta1") {
-                        diags.push(diag(
-                            &doc.file,
-                            doc.line_of("apiVersion"),
-                            Some(rname.clone()),
-                            "apiVersion",
-                            format!("no matches for kind \"{kind}\" in version \"{api}\": expected security.istio.io/v1 or security.istio.io/v1beta1"),
-                        ));
-                        continue;
-                    }
-                    true
-                }
-                ("networking.istio.io", "WorkloadEntry" | "ServiceEntry") => true,
-                ("", "Namespace" | "ServiceAccount" | "Pod" | "Service" | "ConfigMap") => true,
-                ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") => true,
-                ("batch", "Job" | "CronJob") => true,
-                _ => false,
-            };
-            if !known {
-                cfg.skipped.push((
-                    format!("{}:{}", doc.file, doc.line),
-                    format!(
-                        "{api}/{kind} {rname}",
-                        rname = rname.split_once(' ').map(|x| x.1).unwrap_or("")
-                    ),
-                ));
-                continue;
-            }
-            // Namespace and cluster-scoped kinds are not namespaced.
-            let key_ns = if kind == "Namespace" { "" } else { ns.as_str() };
-            let key = (kind.to_string(), key_ns.to_string(), meta.name.clone());
-            if let Some(first) = seen.get(&key) {
-                diags.push(diag(
-                    &doc.file,
-                    doc.line,
-                    Some(rname.clone()),
                     "metadata.name",
-                    format!("defined twice; first definition at {first}"),
-                ));
-                continue;
+                    "name is required".into(),
+                )
+            });
+            return;
+        }
+        let group = api.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        let known = match (group, kind) {
+            ("security.istio.io", k) if SECURITY_KINDS.contains(&k) => {
+                if !api.ends_with("/v1") && !api.ends_with("/v1beta1") {
+                    diags.push(diag(
+                        &doc.file,
+                        doc.line_of("apiVersion"),
+                        Some(rname.clone()),
+                        "apiVersion",
+                        format!("no matches for kind \"{kind}\" in version \"{api}\": expected security.istio.io/v1 or security.istio.io/v1beta1"),
+                    ));
+                    return;
+                }
+                true
             }
-            seen.insert(key, format!("{}:{}", doc.file, doc.line));
-            let spec = obj.get("spec");
-            macro_rules! res {
-                ($k:expr, $t:ty) => {
-                    match decode::<$t>(&doc, "spec", spec) {
-                        Ok(s) => Some(Resource {
-                            kind: $k,
-                            meta: ObjectMeta {
-                                namespace: Some(ns.clone()),
-                                ..meta.clone()
-                            },
-                            spec: s,
-                            origin: origin.clone(),
-                        }),
-                        Err(mut d) => {
-                            d.resource = Some(rname.clone());
-                            diags.push(*d);
-                            None
-                        }
-                    }
-                };
-            }
-            match kind {
-                "Namespace" => {
-                    cfg.namespaces.insert(
-                        meta.name.clone(),
-                        Namespace {
-                            name: meta.name.clone(),
-                            labels: meta.labels.clone(),
-                            origin: Some(origin.clone()),
+            ("networking.istio.io", "WorkloadEntry" | "ServiceEntry") => true,
+            ("", "Namespace" | "ServiceAccount" | "Pod" | "Service" | "ConfigMap") => true,
+            ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") => true,
+            ("batch", "Job" | "CronJob") => true,
+            _ => false,
+        };
+        if !known {
+            cfg.skipped.push((
+                format!("{}:{}", doc.file, doc.line),
+                format!(
+                    "{api}/{kind} {rname}",
+                    rname = rname.split_once(' ').map(|x| x.1).unwrap_or("")
+                ),
+            ));
+            return;
+        }
+        // Namespace and cluster-scoped kinds are not namespaced.
+        let key_ns = if kind == "Namespace" { "" } else { ns.as_str() };
+        let key = (kind.to_string(), key_ns.to_string(), meta.name.clone());
+        if let Some(first) = seen.get(&key) {
+            diags.push(diag(
+                &doc.file,
+                doc.line,
+                Some(rname.clone()),
+                "metadata.name",
+                format!("defined twice; first definition at {first}"),
+            ));
+            return;
+        }
+        seen.insert(key, format!("{}:{}", doc.file, doc.line));
+        let spec = obj.get("spec");
+        macro_rules! res {
+            ($k:expr, $t:ty) => {
+                match decode::<$t>(&doc, "spec", spec) {
+                    Ok(s) => Some(Resource {
+                        kind: $k,
+                        meta: ObjectMeta {
+                            namespace: Some(ns.clone()),
+                            ..meta.clone()
                         },
-                    );
+                        spec: s,
+                        origin: origin.clone(),
+                    }),
+                    Err(mut d) => {
+                        d.resource = Some(rname.clone());
+                        diags.push(*d);
+                        None
+                    }
                 }
-                "ServiceAccount" => cfg.service_accounts.push(Resource {
-                    kind: "ServiceAccount",
-                    meta: ObjectMeta {
-                        namespace: Some(ns.clone()),
-                        ..meta.clone()
+            };
+        }
+        match kind {
+            "Namespace" => {
+                cfg.namespaces.insert(
+                    meta.name.clone(),
+                    Namespace {
+                        name: meta.name.clone(),
+                        labels: meta.labels.clone(),
+                        origin: Some(origin.clone()),
                     },
-                    spec: (),
-                    origin: origin.clone(),
-                }),
-                "ConfigMap" => {
-                    if meta.name == "istio" && ns == "istio-system" {
-                        let text = obj
-                            .get("data")
-                            .and_then(|d| d.get("mesh"))
-                            .and_then(Value::as_str)
-                            .unwrap_or("");
-                        let file = format!("{} (ConfigMap istio-system/istio data.mesh)", doc.file);
-                        match parse_documents(&file, text) {
-                            Ok(mdocs) => {
-                                let v = mdocs
-                                    .into_iter()
-                                    .next()
-                                    .map(|d| d.value)
-                                    .unwrap_or_default();
-                                match MeshConfig::from_value(v) {
-                                    Ok(m) => {
-                                        mesh_from_map = Some((
-                                            m,
-                                            doc.file.to_string(),
-                                            doc.line_of("data.mesh"),
-                                        ))
-                                    }
-                                    Err(e) => diags.push(diag(
-                                        &doc.file,
-                                        doc.line_of("data.mesh"),
-                                        Some(rname.clone()),
-                                        &format!("data.mesh: {}", e.field),
-                                        e.message,
-                                    )),
+                );
+            }
+            "ServiceAccount" => cfg.service_accounts.push(Resource {
+                kind: "ServiceAccount",
+                meta: ObjectMeta {
+                    namespace: Some(ns.clone()),
+                    ..meta.clone()
+                },
+                spec: (),
+                origin: origin.clone(),
+            }),
+            "ConfigMap" => {
+                if meta.name == "istio" && ns == "istio-system" {
+                    let text = obj
+                        .get("data")
+                        .and_then(|d| d.get("mesh"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
+                    let file = format!("{} (ConfigMap istio-system/istio data.mesh)", doc.file);
+                    match parse_documents(&file, text) {
+                        Ok(mdocs) => {
+                            let v = mdocs
+                                .into_iter()
+                                .next()
+                                .map(|d| d.value)
+                                .unwrap_or_default();
+                            match MeshConfig::from_value(v) {
+                                Ok(m) => {
+                                    *mesh_from_map =
+                                        Some((m, doc.file.to_string(), doc.line_of("data.mesh")))
                                 }
+                                Err(e) => diags.push(diag(
+                                    &doc.file,
+                                    doc.line_of("data.mesh"),
+                                    Some(rname.clone()),
+                                    &format!("data.mesh: {}", e.field),
+                                    e.message,
+                                )),
                             }
-                            Err(e) => diags.push(diag(
-                                &doc.file,
-                                doc.line_of("data.mesh"),
-                                Some(rname.clone()),
-                                "data.mesh",
-                                format!("not valid YAML: {}", e.message),
-                            )),
                         }
-                    } else {
-                        cfg.skipped.push((
-                            format!("{}:{}", doc.file, doc.line),
-                            format!("{api}/{kind} {ns}/{}", meta.name),
-                        ));
+                        Err(e) => diags.push(diag(
+                            &doc.file,
+                            doc.line_of("data.mesh"),
+                            Some(rname.clone()),
+                            "data.mesh",
+                            format!("not valid YAML: {}", e.message),
+                        )),
                     }
+                } else {
+                    cfg.skipped.push((
+                        format!("{}:{}", doc.file, doc.line),
+                        format!("{api}/{kind} {ns}/{}", meta.name),
+                    ));
                 }
-                "Service" => cfg.services.extend(res!("Service", ServiceSpec)),
-                "ServiceEntry" => cfg
-                    .service_entries
-                    .extend(res!("ServiceEntry", ServiceEntrySpec)),
-                "WorkloadEntry" => entries.extend(res!("WorkloadEntry", WorkloadEntrySpec)),
-                "PeerAuthentication" => cfg
-                    .peer_authentications
-                    .extend(res!("PeerAuthentication", PeerAuthenticationSpec)),
-                "RequestAuthentication" => cfg
-                    .request_authentications
-                    .extend(res!("RequestAuthentication", RequestAuthenticationSpec)),
-                "AuthorizationPolicy" => cfg
-                    .authorization_policies
-                    .extend(res!("AuthorizationPolicy", AuthorizationPolicySpec)),
-                "Pod" => {
-                    if let Some(r) = res!("Pod", PodSpec) {
-                        let tmpl = PodTemplate {
-                            metadata: r.meta.clone(),
-                            spec: r.spec,
-                        };
-                        pending.push((doc.clone(), "Pod", r.meta, tmpl));
-                    }
-                }
-                "CronJob" => {
-                    if let Some(r) = res!("CronJob", CronJobSpec) {
-                        pending.push((
-                            doc.clone(),
-                            "CronJob",
-                            r.meta,
-                            r.spec.job_template.spec.template,
-                        ));
-                    }
-                }
-                k => {
-                    let k: &'static str = match k {
-                        "Deployment" => "Deployment",
-                        "StatefulSet" => "StatefulSet",
-                        "DaemonSet" => "DaemonSet",
-                        "ReplicaSet" => "ReplicaSet",
-                        _ => "Job",
+            }
+            "Service" => cfg.services.extend(res!("Service", ServiceSpec)),
+            "ServiceEntry" => cfg
+                .service_entries
+                .extend(res!("ServiceEntry", ServiceEntrySpec)),
+            "WorkloadEntry" => entries.extend(res!("WorkloadEntry", WorkloadEntrySpec)),
+            "PeerAuthentication" => cfg
+                .peer_authentications
+                .extend(res!("PeerAuthentication", PeerAuthenticationSpec)),
+            "RequestAuthentication" => cfg
+                .request_authentications
+                .extend(res!("RequestAuthentication", RequestAuthenticationSpec)),
+            "AuthorizationPolicy" => cfg
+                .authorization_policies
+                .extend(res!("AuthorizationPolicy", AuthorizationPolicySpec)),
+            "Pod" => {
+                if let Some(r) = res!("Pod", PodSpec) {
+                    let tmpl = PodTemplate {
+                        metadata: r.meta.clone(),
+                        spec: r.spec,
                     };
-                    if let Some(r) = res!(k, TemplatedSpec) {
-                        pending.push((doc.clone(), k, r.meta, r.spec.template));
-                    }
+                    pending.push((origin.doc.clone(), "Pod", r.meta, tmpl));
+                }
+            }
+            "CronJob" => {
+                if let Some(r) = res!("CronJob", CronJobSpec) {
+                    pending.push((
+                        origin.doc.clone(),
+                        "CronJob",
+                        r.meta,
+                        r.spec.job_template.spec.template,
+                    ));
+                }
+            }
+            k => {
+                let k: &'static str = match k {
+                    "Deployment" => "Deployment",
+                    "StatefulSet" => "StatefulSet",
+                    "DaemonSet" => "DaemonSet",
+                    "ReplicaSet" => "ReplicaSet",
+                    _ => "Job",
+                };
+                if let Some(r) = res!(k, TemplatedSpec) {
+                    pending.push((origin.doc.clone(), k, r.meta, r.spec.template));
                 }
             }
         }
+    }
+
+    pub fn finish(self) -> (Config, Vec<Diagnostic>) {
+        let Loader {
+            mesh_override,
+            mut diags,
+            acc,
+        } = self;
+        let Accumulated {
+            mut cfg,
+            mesh_from_map,
+            pending,
+            entries,
+            ..
+        } = acc;
 
         match (mesh_override, mesh_from_map) {
             (Some((m, file)), _) => {

@@ -24,7 +24,9 @@ pub struct Document {
     /// Line of the document's first node (1-based).
     pub line: usize,
     pub value: Value,
-    lines: HashMap<String, usize>,
+    /// Shared: a document's value-less copy (what configurations keep for their messages)
+    /// and the control plane's cache point at the same table.
+    lines: Arc<HashMap<String, usize>>,
 }
 
 impl Document {
@@ -49,14 +51,36 @@ impl Document {
             file: file.into(),
             line: 1,
             value,
-            lines: HashMap::new(),
+            lines: Arc::default(),
+        }
+    }
+
+    /// The same document without its value: file, line and field lines only, for what must
+    /// name places in it after loading (diagnostics) without keeping its whole JSON tree.
+    pub fn without_value(&self) -> Document {
+        Document {
+            file: self.file.clone(),
+            line: self.line,
+            value: Value::Null,
+            lines: self.lines.clone(),
+        }
+    }
+
+    /// This document's place (file, line, field lines) with another value: the control plane
+    /// rebuilds documents from their JSON between reloads instead of keeping their trees.
+    pub fn with_value(&self, value: Value) -> Document {
+        Document {
+            file: self.file.clone(),
+            line: self.line,
+            value,
+            lines: self.lines.clone(),
         }
     }
 
     /// The document of `items[i]` of a `kind: List`, with paths re-rooted at the item.
     pub fn child(&self, prefix: &str, value: Value) -> Self {
         let mut lines = HashMap::new();
-        for (k, v) in &self.lines {
+        for (k, v) in self.lines.iter() {
             if let Some(rest) = k.strip_prefix(prefix) {
                 let rest = rest.strip_prefix('.').unwrap_or(rest);
                 lines.insert(rest.to_string(), *v);
@@ -66,7 +90,7 @@ impl Document {
             file: self.file.clone(),
             line: self.lines.get(prefix).copied().unwrap_or(self.line),
             value,
-            lines,
+            lines: Arc::new(lines),
         }
     }
 }
@@ -141,7 +165,7 @@ impl Builder {
     fn push_value(&mut self, v: Value, line: usize) {
         match self.stack.last_mut() {
             None => {
-                let lines = std::mem::take(&mut self.lines);
+                let lines = Arc::new(std::mem::take(&mut self.lines));
                 self.docs.push(Document {
                     file: self.file.clone(),
                     line: self.doc_line.max(1),

@@ -48,7 +48,8 @@ pub struct Prepared {
 /// One file's text and what it parsed into (`None`: a syntax error, which the loader reports
 /// with its line).
 struct CachedFile {
-    text: String,
+    /// SHA-256 of the text: what decides that a file is unchanged, without keeping the text.
+    digest: [u8; 32],
     parsed: Option<Arc<ParsedFile>>,
 }
 
@@ -66,7 +67,14 @@ struct CachedDoc {
     json: Bytes,
 }
 
-/// Parsed files by name, kept between reloads of a folder. Keyed by the file's whole text
+fn digest(text: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Parsed files by name, kept between reloads of a folder. Keyed by a digest of the whole text
 /// (not its size and modification time) so that a rewrite within the clock's resolution is
 /// never mistaken for no change.
 #[derive(Default)]
@@ -77,7 +85,7 @@ pub struct ParseCache {
 impl ParseCache {
     fn parse(&mut self, file: &str, text: String) -> (Option<Arc<ParsedFile>>, String) {
         if let Some(c) = self.files.get(file) {
-            if c.text == text {
+            if c.digest == digest(&text) {
                 return (c.parsed.clone(), text);
             }
         }
@@ -107,7 +115,7 @@ impl ParseCache {
         self.files.insert(
             file.to_string(),
             CachedFile {
-                text: text.clone(),
+                digest: digest(&text),
                 parsed: parsed.clone(),
             },
         );

@@ -26,7 +26,52 @@ pub struct Document {
     pub value: Value,
     /// Shared: a document's value-less copy (what configurations keep for their messages)
     /// and the control plane's cache point at the same table.
-    lines: Arc<HashMap<String, usize>>,
+    lines: Arc<LineMap>,
+}
+
+/// Field path → line, compact: every path in one string, and a table sorted by path for
+/// binary search. A HashMap of owned Strings took about three times the memory, and a
+/// control plane keeps one of these for every document of its configuration.
+#[derive(Debug, Default)]
+pub struct LineMap {
+    paths: Box<str>,
+    /// (start, end) of the path in `paths`, and its line; sorted by path.
+    entries: Box<[(u32, u32, u32)]>,
+}
+
+impl LineMap {
+    fn from_map(map: HashMap<String, usize>) -> LineMap {
+        let mut pairs: Vec<(String, usize)> = map.into_iter().collect();
+        pairs.sort_unstable();
+        let mut paths = String::with_capacity(pairs.iter().map(|(p, _)| p.len()).sum());
+        let mut entries = Vec::with_capacity(pairs.len());
+        for (p, line) in pairs {
+            let start = paths.len();
+            paths.push_str(&p);
+            // Documents are bounded far below 4 GiB (MAX_NODES); saturate rather than wrap.
+            let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+            entries.push((to_u32(start), to_u32(paths.len()), to_u32(line)));
+        }
+        LineMap {
+            paths: paths.into_boxed_str(),
+            entries: entries.into_boxed_slice(),
+        }
+    }
+
+    fn path(&self, e: &(u32, u32, u32)) -> &str {
+        self.paths.get(e.0 as usize..e.1 as usize).unwrap_or("")
+    }
+
+    fn get(&self, path: &str) -> Option<usize> {
+        self.entries
+            .binary_search_by(|e| self.path(e).cmp(path))
+            .ok()
+            .map(|i| self.entries[i].2 as usize)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, usize)> + '_ {
+        self.entries.iter().map(|e| (self.path(e), e.2 as usize))
+    }
 }
 
 impl Document {
@@ -35,7 +80,7 @@ impl Document {
         let mut p = path;
         loop {
             if let Some(l) = self.lines.get(p) {
-                return *l;
+                return l;
             }
             match p.rfind(['.', '[']) {
                 Some(i) => p = &p[..i],
@@ -83,14 +128,14 @@ impl Document {
         for (k, v) in self.lines.iter() {
             if let Some(rest) = k.strip_prefix(prefix) {
                 let rest = rest.strip_prefix('.').unwrap_or(rest);
-                lines.insert(rest.to_string(), *v);
+                lines.insert(rest.to_string(), v);
             }
         }
         Document {
             file: self.file.clone(),
-            line: self.lines.get(prefix).copied().unwrap_or(self.line),
+            line: self.lines.get(prefix).unwrap_or(self.line),
             value,
-            lines: Arc::new(lines),
+            lines: Arc::new(LineMap::from_map(lines)),
         }
     }
 }
@@ -165,7 +210,7 @@ impl Builder {
     fn push_value(&mut self, v: Value, line: usize) {
         match self.stack.last_mut() {
             None => {
-                let lines = Arc::new(std::mem::take(&mut self.lines));
+                let lines = Arc::new(LineMap::from_map(std::mem::take(&mut self.lines)));
                 self.docs.push(Document {
                     file: self.file.clone(),
                     line: self.doc_line.max(1),

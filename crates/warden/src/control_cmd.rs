@@ -67,12 +67,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// glibc's malloc settings for the control plane, as `GLIBC_TUNABLES`. Each first sync is one
-/// large response (about 1 MB for a 1,000-workload mesh), built and freed once per proxy.
+/// large response (about 1 MB for a 1,000-workload mesh), built and freed once per proxy, and
+/// each reload builds a new configuration while the old one is still in force.
 /// glibc raises its mmap threshold after every large free, so those buffers end up in the
 /// heap and fragment it: 1,000 proxies left about 200 MiB of freed memory that was never
-/// returned to the OS. A fixed 128 KiB threshold keeps large buffers in mmap (returned on
-/// free); two arenas suffice for two worker threads.
-const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=131072:glibc.malloc.arena_max=2";
+/// returned to the OS. A fixed 64 KiB threshold keeps large buffers in mmap (returned on
+/// free), one arena keeps what reloads free reusable by the next reload, and a 64 KiB trim
+/// threshold returns the heap's free top. Measured in BENCHMARKS.md (control plane scale).
+const MALLOC_TUNABLES: &str =
+    "glibc.malloc.mmap_threshold=65536:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=65536";
 
 /// glibc reads its tunables only at process start, so `warden control` re-executes itself
 /// once with them set (same pid, arguments and descriptors). This avoids an unsafe

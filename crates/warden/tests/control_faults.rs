@@ -10,9 +10,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The longest any single condition is waited for.
@@ -20,142 +19,11 @@ const WAIT: Duration = Duration::from_secs(20);
 /// How often a polled condition is looked at again.
 const POLL: Duration = Duration::from_millis(50);
 
-fn warden() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_warden"));
-    c.stdin(Stdio::null());
-    c
-}
+mod common;
+use common::{Proc, TempDir};
 
-/// Runs a warden command that must succeed within [`WAIT`]: its stdout.
 fn stdout_of(args: &[&str]) -> String {
-    let child = warden()
-        .args(args)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn warden");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(WAIT) {
-        Ok(Ok(o)) => {
-            assert!(
-                o.status.success(),
-                "warden {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            String::from_utf8_lossy(&o.stdout).into_owned()
-        }
-        Ok(Err(e)) => panic!("warden {args:?}: {e}"),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("warden {args:?} did not finish within {WAIT:?}");
-        }
-    }
-}
-
-/// A fresh folder under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "warden-control-faults-{tag}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A long-running warden process whose stderr lines are read as they come.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(name: &'static str, args: &[String]) -> Proc {
-        let mut child = warden()
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warden");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Proc {
-            name,
-            child,
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    /// The next stderr line containing every one of `needles`, waiting at most [`WAIT`].
-    fn wait_for(&mut self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if needles.iter().all(|n| line.contains(n)) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line with {needles:?} from {} within {WAIT:?}; its log:\n{}",
-                    self.name,
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Like [`Proc::wait_for`], but a line already read counts too.
-    fn saw(&mut self, needles: &[&str]) -> String {
-        match self
-            .log
-            .iter()
-            .find(|l| needles.iter().all(|n| l.contains(n)))
-        {
-            Some(l) => l.clone(),
-            None => self.wait_for(needles),
-        }
-    }
-
-    /// SIGKILL: no chance to close streams or say goodbye.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
+    common::stdout_of(args, WAIT)
 }
 
 fn s(p: &Path) -> String {
@@ -383,7 +251,7 @@ impl Mesh {
             "100ms".into(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        let mut cp = Proc::start("warden control", &args);
+        let mut cp = Proc::start("warden control", &args, WAIT);
         let addr = addr_in(&cp.wait_for(&["control plane listening"])).to_string();
         let admin = addr_in(&cp.wait_for(&["admin listening"]));
         (cp, addr, admin)
@@ -408,7 +276,7 @@ impl Mesh {
             format!("80=127.0.0.1:0,{app}"),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        let mut p = Proc::start("warden proxy (httpbin)", &args);
+        let mut p = Proc::start("warden proxy (httpbin)", &args, WAIT);
         let inbound = addr_in(&p.wait_for(&["listening", "port=80"]));
         (p, inbound)
     }
@@ -564,7 +432,7 @@ fn ca_down_across_renewals_the_certificate_serves_until_it_expires_then_fails_cl
         "--outbound".into(),
         format!("127.0.0.1:0=foo/httpbin:8000@{inbound}"),
     ];
-    let mut sleep = Proc::start("warden proxy (sleep)", &sleep_args);
+    let mut sleep = Proc::start("warden proxy (sleep)", &sleep_args, WAIT);
     let outbound = addr_in(&sleep.wait_for(&["outbound listening"]));
     sleep.wait_for(&["config applied"]);
     assert_eq!(get(outbound, "/get"), 200);
@@ -599,7 +467,7 @@ fn ca_down_across_renewals_the_certificate_serves_until_it_expires_then_fails_cl
     // httpbin, and a connection set up before expiry is not cut, as with Envoy.)
     httpbin.wait_for(&["certificate expired: failing closed"]);
     drop(sleep);
-    let mut sleep = Proc::start("warden proxy (sleep, after expiry)", &sleep_args);
+    let mut sleep = Proc::start("warden proxy (sleep, after expiry)", &sleep_args, WAIT);
     let outbound = addr_in(&sleep.wait_for(&["outbound listening"]));
     sleep.wait_for(&["config applied"]);
     for _ in 0..3 {

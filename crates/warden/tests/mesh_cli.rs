@@ -4,105 +4,23 @@
 //! processes' own output and on request outcomes; every wait is bounded and every child is
 //! killed and reaped.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn warden() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_warden"));
-    c.stdin(Stdio::null());
-    c
-}
-
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = warden()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warden");
-        let (tx, lines) = mpsc::channel();
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { return };
-                    if tx.send(line).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        Running {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no line containing {needle:?} within {WAIT:?}; output so far:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Every line until the process exits (bounded), and its exit code.
-    fn finish(mut self) -> (Option<i32>, String) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.seen.push(line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!("did not finish within {WAIT:?}:\n{}", self.seen.join("\n"))
-                }
-            }
-        }
-        let code = self.child.wait().ok().and_then(|s| s.code());
-        (code, self.seen.join("\n"))
-    }
-}
+mod common;
+use common::{Proc, TempDir};
 
 #[test]
 fn warden_demo_takes_the_mesh_through_every_step_as_intended() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/demo");
-    let run = Running::start(&["demo", "--once", "--admin", "127.0.0.1:0", dir]);
+    let run = Proc::start(
+        "warden demo",
+        &["demo", "--once", "--admin", "127.0.0.1:0", dir],
+        WAIT,
+    );
     let (code, out) = run.finish();
     assert_eq!(code, Some(0), "{out}");
     assert!(
@@ -262,30 +180,26 @@ fn socket_from(source: IpAddr, dst: SocketAddr) -> Option<TcpStream> {
 
 #[test]
 fn warden_up_serves_local_workloads_and_applies_policy_changes_live() {
-    let dir = std::env::temp_dir().join(format!("warden-up-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    struct Clean(PathBuf);
-    impl Drop for Clean {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _clean = Clean(dir.clone());
+    let tmp = TempDir::new("up");
+    let dir = tmp.0.clone();
     std::fs::write(dir.join("mesh.yaml"), UP_MESH).unwrap();
     std::fs::write(dir.join("policy.yaml"), policy("\"GET\"")).unwrap();
     let _app = api_app("127.0.41.2:18081".parse().unwrap());
 
-    let mut up = Running::start(&[
-        "up",
-        dir.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-        "--poll-interval",
-        "100ms",
-    ]);
-    up.wait_for("shop/api");
-    up.wait_for("Ctrl-C stops.");
+    let mut up = Proc::start(
+        "warden up",
+        &[
+            "up",
+            dir.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+            "--poll-interval",
+            "100ms",
+        ],
+        WAIT,
+    );
+    up.wait_for(&["shop/api"]);
+    up.wait_for(&["Ctrl-C stops."]);
 
     let web: IpAddr = "127.0.41.1".parse().unwrap();
     let svc: SocketAddr = "127.0.42.2:18081".parse().unwrap();
@@ -322,24 +236,26 @@ fn warden_up_serves_local_workloads_and_applies_policy_changes_live() {
     }
     // A broken file is refused and the policy in force stays.
     std::fs::write(dir.join("broken.yaml"), "kind: AuthorizationPolicy\n").unwrap();
-    up.wait_for("config refused");
+    up.wait_for(&["config refused"]);
     let (code, _) = request(web, svc, "DELETE").expect("a response");
     assert_eq!(code, 200);
 }
 
 #[test]
 fn warden_up_explains_a_folder_that_cannot_run_locally() {
-    let dir = std::env::temp_dir().join(format!("warden-up-bad-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("up-bad");
+    let dir = tmp.0.clone();
     let no_app = UP_MESH.replace(
         "  annotations:\n    warden.dev/app-address: 127.0.41.2\n",
         "",
     );
     std::fs::write(dir.join("mesh.yaml"), no_app).unwrap();
-    let run = Running::start(&["up", dir.to_str().unwrap(), "--admin", "127.0.0.1:0"]);
+    let run = Proc::start(
+        "warden up",
+        &["up", dir.to_str().unwrap(), "--admin", "127.0.0.1:0"],
+        WAIT,
+    );
     let (code, out) = run.finish();
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("WorkloadEntry shop/api"), "{out}");
     assert!(out.contains("warden.dev/app-address"), "{out}");

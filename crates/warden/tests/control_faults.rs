@@ -619,3 +619,62 @@ fn jwks_never_fetched_its_tokens_are_refused_until_it_is() {
     });
     assert_eq!(jwks_state(admin, &uri).as_deref(), Some("fetched"));
 }
+
+/// Fail closed at start: a proxy whose workload the control plane does not know yet gets its
+/// certificate but no configuration, so nothing listens (its admin `/ready` is not served);
+/// `/status` says why. Once the workload is added it gets its configuration and listens.
+#[test]
+fn a_proxy_listens_only_once_it_has_its_configuration() {
+    let mesh = Mesh::new("not-yet");
+    // The folder without httpbin's Deployment.
+    let without: String = BASE
+        .split("---\n")
+        .filter(|d| !d.contains("name: httpbin, namespace: foo}\nspec:\n  template"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    write_atomic(&mesh.config.join("base.yaml"), &without);
+    let (_cp, cp_addr, admin) = mesh.control("127.0.0.1:0", &[]);
+    let app = app();
+    let args: Vec<String> = [
+        "proxy",
+        "--control-plane",
+        &cp_addr,
+        "--workload",
+        "foo/httpbin",
+        "--service-account",
+        "httpbin",
+        "--ca-token-file",
+        &s(&mesh.token),
+        "--roots",
+        &s(&mesh.ca.join("root-cert.pem")),
+        "--inbound",
+        &format!("80=127.0.0.1:0,{app}"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut proxy = Proc::start("warden proxy (httpbin)", &args, WAIT);
+    proxy.wait_for(&["waiting for the first configuration"]);
+    let waiting = eventually("the control plane shows the proxy waiting", || {
+        let st = status(admin);
+        st["proxies"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["workload"] == "foo/httpbin").cloned())
+            .filter(|p| p["waiting"].is_string())
+    });
+    assert!(
+        waiting["waiting"]
+            .as_str()
+            .unwrap()
+            .contains("not in the configuration"),
+        "{waiting}"
+    );
+    assert!(
+        !proxy.log.iter().any(|l| l.contains("listening")),
+        "listened without a configuration:\n{}",
+        proxy.log.join("\n")
+    );
+    write_atomic(&mesh.config.join("base.yaml"), BASE);
+    let inbound = addr_in(&proxy.wait_for(&["listening", "port=80"]));
+    assert_eq!(get(inbound, "/anything"), 200);
+}

@@ -104,48 +104,11 @@ fn acked_proxy(st: &serde_json::Value, workload: &str) -> Option<serde_json::Val
         .cloned()
 }
 
-/// An HTTP/1.1 app answering every request with 200 (one request per connection).
+/// An HTTP/1.1 app answering every request with 200.
 fn app() -> SocketAddr {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { return };
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(WAIT));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut head = String::new();
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line.trim_end().is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = line.trim_end().split_once(':') {
-                            if k.trim().eq_ignore_ascii_case("content-length") {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        head.push_str(&line);
-                    }
-                    let mut body = vec![0u8; length];
-                    if r.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let reply = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if w.write_all(reply.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    common::keep_alive_app(WAIT, |_| {
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_string()
+    })
 }
 
 /// httpbin (served by the proxy under test) and sleep (its mTLS client in the CA test), in a

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 const WAIT: Duration = Duration::from_secs(30);
 
 fn warden() -> Command {
@@ -562,51 +564,8 @@ spec:
     to: [{operation: {methods: ["GET"]}}]
 "#;
 
-/// An HTTP/1.1 app on loopback that keeps connections alive (the proxy pools them) and answers
-/// each request with `reply(head)`, where `head` is the request line and headers as received
-/// (a request body, sized by `content-length`, is read and dropped).
 fn keep_alive_app(reply: impl Fn(&str) -> String + Send + Sync + 'static) -> SocketAddr {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    let reply = std::sync::Arc::new(reply);
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { return };
-            let reply = reply.clone();
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(WAIT));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut head = String::new();
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line.trim_end().is_empty() {
-                            break;
-                        }
-                        if let Some((k, v)) = line.trim_end().split_once(':') {
-                            if k.trim().eq_ignore_ascii_case("content-length") {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        head.push_str(&line);
-                    }
-                    let mut body = vec![0u8; length];
-                    if r.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    if w.write_all(reply(&head).as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    common::keep_alive_app(WAIT, reply)
 }
 
 /// An app answering every request with 200 and the `x-forwarded-client-cert` it received as

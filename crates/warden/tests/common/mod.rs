@@ -3,7 +3,8 @@
 //! child is killed and reaped however a test ends.
 #![allow(dead_code)] // Each test file uses its own part of this.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -176,4 +177,54 @@ impl Proc {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
+}
+
+/// An HTTP/1.1 app on loopback that keeps connections alive (the proxy pools them) and answers
+/// each request with `reply(head)`, where `head` is the request line and headers as received
+/// (a request body, sized by `content-length`, is read and dropped).
+pub fn keep_alive_app(
+    limit: Duration,
+    reply: impl Fn(&str) -> String + Send + Sync + 'static,
+) -> SocketAddr {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let reply = std::sync::Arc::new(reply);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let reply = reply.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(limit));
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                loop {
+                    let mut head = String::new();
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = line.trim_end().split_once(':') {
+                            if k.trim().eq_ignore_ascii_case("content-length") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        head.push_str(&line);
+                    }
+                    let mut body = vec![0u8; length];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if w.write_all(reply(&head).as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
